@@ -1,0 +1,50 @@
+# CUDA side of the fomoe build. Included by the top-level CMakeLists.txt when
+# FOMOE_WITH_CUDA is on, and by cmake/cuda_check (the CI compile-only check of the
+# torch-free kernel sources), so both compile kernels with the same flags.
+#
+# Kernel files (csrc/cuda/*.cu) include no torch headers: raw pointers, sizes, strides
+# and a cudaStream_t. Glue files (csrc/cuda/*.cpp) hold the TORCH_LIBRARY_IMPL(fomoe, CUDA)
+# registrations and need a CUDA build of torch.
+
+if(NOT DEFINED FOMOE_CUDA_ARCHS)
+  set(FOMOE_CUDA_ARCHS "90a")
+endif()
+# Architectures come from the build configuration, never from querying a GPU.
+set(CMAKE_CUDA_ARCHITECTURES ${FOMOE_CUDA_ARCHS})
+set(ENV{TORCH_CUDA_ARCH_LIST} "")
+enable_language(CUDA)
+set(CMAKE_CUDA_STANDARD 20)
+set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+
+set(FOMOE_SOURCE_ROOT "${CMAKE_CURRENT_LIST_DIR}/..")
+file(GLOB FOMOE_CUDA_KERNEL_SOURCES CONFIGURE_DEPENDS "${FOMOE_SOURCE_ROOT}/csrc/cuda/*.cu")
+file(GLOB FOMOE_CUDA_GLUE_SOURCES CONFIGURE_DEPENDS "${FOMOE_SOURCE_ROOT}/csrc/cuda/*.cpp")
+
+set(FOMOE_CUDA_FLAGS --expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills)
+
+# CUTLASS/CuTe headers (the nvidia-cutlass pip package) when the kernels need them.
+if(NOT DEFINED FOMOE_CUTLASS_INCLUDE)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))"
+    OUTPUT_VARIABLE FOMOE_CUTLASS_INCLUDE OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+endif()
+
+# Torch-free kernels as an object library, shared by the extension and the CI check.
+function(fomoe_add_cuda_kernels target)
+  add_library(${target} OBJECT ${FOMOE_CUDA_KERNEL_SOURCES})
+  target_include_directories(${target} PRIVATE "${FOMOE_SOURCE_ROOT}/csrc")
+  if(FOMOE_CUTLASS_INCLUDE AND EXISTS "${FOMOE_CUTLASS_INCLUDE}")
+    target_include_directories(${target} SYSTEM PRIVATE "${FOMOE_CUTLASS_INCLUDE}")
+    target_compile_definitions(${target} PRIVATE FOMOE_HAVE_CUTLASS)
+  endif()
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${FOMOE_CUDA_FLAGS}>)
+  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+endfunction()
+
+function(fomoe_add_cuda_sources target)
+  find_package(CUDAToolkit REQUIRED)
+  fomoe_add_cuda_kernels(fomoe_cuda_kernels)
+  target_sources(${target} PRIVATE ${FOMOE_CUDA_GLUE_SOURCES} $<TARGET_OBJECTS:fomoe_cuda_kernels>)
+  target_compile_definitions(${target} PRIVATE FOMOE_WITH_CUDA)
+  target_link_libraries(${target} PRIVATE CUDA::cudart)
+endfunction()

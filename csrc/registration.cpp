@@ -1,0 +1,38 @@
+// The fomoe op library: every schema lives here. Kernels register per device in the files
+// that implement them (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fake kernels and autograd are
+// registered from Python (fomoe/ops.py). Semantics are documented in fomoe/reference.py,
+// which is also the test oracle.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fomoe, m) {
+  // Router: logits [T, E] -> gate weights [T, k] (fp32; fp64 for fp64 logits) and expert
+  // ids [T, k] (int32), sorted by descending score. score: "softmax" | "sigmoid".
+  m.def("route(Tensor logits, int top_k, str score=\"softmax\", bool renormalize=True) -> (Tensor weights, Tensor ids)");
+  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor ids, str score, bool renormalize) -> Tensor");
+
+  // Skip-token dispatch: ids [T, k] + resident map [E] (global id -> local slot or -1) ->
+  // permutation [T*k] (flat assignment t*k+s grouped by local expert, ascending within an
+  // expert; -1 past the kept count), offsets [num_local+1] (offsets[-1] is the kept count)
+  // and inverse [T, k] (row of each assignment in expert order, -1 when skipped).
+  m.def("dispatch(Tensor ids, Tensor resident_map, int num_local) -> (Tensor permutation, Tensor offsets, Tensor inverse)");
+
+  // Row movement between token order and expert order.
+  //   gather:  out[j] = scale[perm[j]] * x[perm[j] / k]   (zero rows where perm[j] == -1)
+  //   combine: y[t]   = sum_s gate[t, s] * rows[inverse[t, s]]   (skipped slots add nothing)
+  m.def("gather(Tensor x, Tensor permutation, Tensor inverse, Tensor? scale=None) -> Tensor");
+  m.def("combine(Tensor rows, Tensor permutation, Tensor inverse, Tensor? gate=None) -> Tensor");
+  m.def("combine_gate_grad(Tensor grad_out, Tensor rows, Tensor inverse) -> Tensor");
+
+  // Grouped GEMM with device offsets: rows [offsets[e], offsets[e+1]) of a use b[e].
+  //   grouped_mm:       a [N, K] x b [E, K, M] -> [N, M]   (rows >= offsets[-1] are zero)
+  //   grouped_mm_wgrad: a [N, K], b [N, M] -> [E, K, M], out[e] = a_e^T b_e  (variable K)
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  m.def("grouped_mm_wgrad(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+
+  // Fused expert FFN: y[t] = sum over kept assignments (t, s) of
+  //   gate[t, s] * (silu(x[t] W1_e) * (x[t] W3_e)) W2_e,   w13[e] = [W1_e | W3_e]  ([d, 2*d_ff]).
+  // Returns y [T, d] and, when save_for_backward, the pre-activation h [T*k, 2*d_ff] in
+  // expert order that the backward needs (an empty tensor otherwise).
+  m.def("expert_ffn(Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, bool save_for_backward) -> (Tensor y, Tensor h)");
+  m.def("expert_ffn_backward(Tensor grad_y, Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, Tensor h) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2, Tensor grad_gate)");
+}

@@ -1,0 +1,247 @@
+"""Typed Python entry points of the fomoe op library, with fake kernels and autograd.
+
+The ops themselves (``torch.ops.fomoe.*``) are defined in C++ (csrc/registration.cpp) with
+CPU kernels always and CUDA kernels when the extension was built with CUDA. This module
+registers their fake (meta) kernels for ``torch.compile``, their autograd formulas, and,
+where a build lacks a device kernel, a fallback to ``fomoe.reference`` that warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (the op library must be loaded first)
+from . import reference
+
+_ops = torch.ops.fomoe
+OP_NAMES = ("route", "route_backward", "dispatch", "gather", "combine", "combine_gate_grad", "grouped_mm",
+            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward")
+
+
+# ---- public entry points -----------------------------------------------------------------
+
+def route(logits: Tensor, top_k: int, score: str = "softmax", renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (gate weights [T, k] fp32, expert ids [T, k] int32)."""
+    return _ops.route(logits, top_k, score, renormalize)
+
+
+def dispatch(ids: Tensor, resident_map: Tensor, num_local: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert ids [T, k] -> (permutation [T*k], offsets [num_local+1], inverse [T, k]), all int32.
+
+    Assignments to experts with ``resident_map[e] == -1`` are skipped (skip-token); the kept
+    count is ``offsets[-1]``. int64 ids (e.g. from ``torch.topk``) are accepted.
+    """
+    if ids.dtype == torch.int64:
+        ids = ids.to(torch.int32)
+    return _ops.dispatch(ids, resident_map, num_local)
+
+
+def gather(x: Tensor, permutation: Tensor, inverse: Tensor, scale: Tensor | None = None) -> Tensor:
+    """Token rows into expert order: out[j] = scale[perm[j]] * x[perm[j] // k]."""
+    return _ops.gather(x, permutation, inverse, scale)
+
+
+def combine(rows: Tensor, permutation: Tensor, inverse: Tensor, gate: Tensor | None = None) -> Tensor:
+    """Expert-order rows back to tokens: y[t] = sum_s gate[t, s] * rows[inverse[t, s]]."""
+    return _ops.combine(rows, permutation, inverse, gate)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """a [N, K] x b [E, K, M] -> [N, M], expert e on rows [offsets[e], offsets[e+1])."""
+    return _ops.grouped_mm(a, b, offsets)
+
+
+def grouped_mm_wgrad(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """a [N, K], b [N, M] -> [E, K, M] with out[e] = a_e^T b_e (the weight gradient)."""
+    return _ops.grouped_mm_wgrad(a, b, offsets)
+
+
+def expert_ffn(x: Tensor, permutation: Tensor, offsets: Tensor, inverse: Tensor, w13: Tensor, w2: Tensor,
+               gate: Tensor) -> Tensor:
+    """Fused gather -> x@W13 -> SwiGLU -> @W2 -> gate-weighted combine; returns y [T, d]."""
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w13, w2, gate))
+    y, _ = _ops.expert_ffn(x, permutation, offsets, inverse, w13, w2, gate, save)
+    return y
+
+
+# ---- fake kernels (shapes and dtypes only) --------------------------------------------------
+
+def _accum(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fomoe::route")
+def _route_fake(logits, top_k, score="softmax", renormalize=True):
+    torch._check(logits.dim() == 2, lambda: "fomoe.route: logits must be 2-D [tokens, experts]")
+    torch._check(1 <= top_k <= logits.shape[1], lambda: "fomoe.route: top_k must be in [1, num_experts]")
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=_accum(logits.dtype)), logits.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("fomoe::route_backward")
+def _route_backward_fake(grad_weights, logits, weights, ids, score, renormalize):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("fomoe::dispatch")
+def _dispatch_fake(ids, resident_map, num_local):
+    n = ids.shape[0] * ids.shape[1]
+    return (ids.new_empty((n,), dtype=torch.int32), ids.new_empty((num_local + 1,), dtype=torch.int32),
+            ids.new_empty(ids.shape, dtype=torch.int32))
+
+
+@torch.library.register_fake("fomoe::gather")
+def _gather_fake(x, permutation, inverse, scale=None):
+    return x.new_empty((permutation.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("fomoe::combine")
+def _combine_fake(rows, permutation, inverse, gate=None):
+    return rows.new_empty((inverse.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake("fomoe::combine_gate_grad")
+def _combine_gate_grad_fake(grad_out, rows, inverse):
+    return rows.new_empty(inverse.shape, dtype=_accum(rows.dtype))
+
+
+@torch.library.register_fake("fomoe::grouped_mm")
+def _grouped_mm_fake(a, b, offsets):
+    return a.new_empty((a.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake("fomoe::grouped_mm_wgrad")
+def _grouped_mm_wgrad_fake(a, b, offsets):
+    return a.new_empty((offsets.shape[0] - 1, a.shape[1], b.shape[1]))
+
+
+@torch.library.register_fake("fomoe::expert_ffn")
+def _expert_ffn_fake(x, permutation, offsets, inverse, w13, w2, gate, save_for_backward):
+    h = x.new_empty((permutation.shape[0], w13.shape[2])) if save_for_backward else x.new_empty((0,))
+    return x.new_empty(x.shape), h
+
+
+@torch.library.register_fake("fomoe::expert_ffn_backward")
+def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2, gate, h):
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), torch.empty_like(gate)
+
+
+# ---- autograd --------------------------------------------------------------------------------
+
+def _route_setup(ctx, inputs, output):
+    logits, _, score, renormalize = inputs
+    weights, ids = output
+    ctx.save_for_backward(logits, weights, ids)
+    ctx.score, ctx.renormalize = score, renormalize
+
+
+def _route_backward(ctx, grad_weights, _grad_ids):
+    logits, weights, ids = ctx.saved_tensors
+    grad = _ops.route_backward(grad_weights.contiguous(), logits, weights, ids, ctx.score, ctx.renormalize)
+    return grad, None, None, None
+
+
+def _gather_setup(ctx, inputs, output):
+    x, permutation, inverse, scale = inputs
+    ctx.save_for_backward(x if scale is not None else None, permutation, inverse, scale)
+
+
+def _gather_backward(ctx, grad_rows):
+    x, permutation, inverse, scale = ctx.saved_tensors
+    grad_x = _ops.combine(grad_rows, permutation, inverse, scale) if ctx.needs_input_grad[0] else None
+    grad_scale = None
+    if scale is not None and ctx.needs_input_grad[3]:
+        grad_scale = _ops.combine_gate_grad(x, grad_rows, inverse).to(scale.dtype)
+    return grad_x, None, None, grad_scale
+
+
+def _combine_setup(ctx, inputs, output):
+    rows, permutation, inverse, gate = inputs
+    ctx.save_for_backward(rows if gate is not None else None, permutation, inverse, gate)
+
+
+def _combine_backward(ctx, grad_y):
+    rows, permutation, inverse, gate = ctx.saved_tensors
+    grad_rows = _ops.gather(grad_y, permutation, inverse, gate) if ctx.needs_input_grad[0] else None
+    grad_gate = None
+    if gate is not None and ctx.needs_input_grad[3]:
+        grad_gate = _ops.combine_gate_grad(grad_y, rows, inverse).to(gate.dtype)
+    return grad_rows, None, None, grad_gate
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offsets = ctx.saved_tensors
+    grad_a = _ops.grouped_mm(grad, b.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_b = _ops.grouped_mm_wgrad(a, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+def _expert_ffn_setup(ctx, inputs, output):
+    x, permutation, offsets, inverse, w13, w2, gate, save_for_backward = inputs
+    _, h = output
+    ctx.save_for_backward(x, permutation, offsets, inverse, w13, w2, gate, h)
+    ctx.saved_h = save_for_backward
+
+
+def _expert_ffn_backward(ctx, grad_y, _grad_h):
+    x, permutation, offsets, inverse, w13, w2, gate, h = ctx.saved_tensors
+    if not ctx.saved_h:
+        raise RuntimeError("fomoe.expert_ffn was called with save_for_backward=False; call it through "
+                           "fomoe.ops.expert_ffn (which decides) or pass True to differentiate it")
+    grads = _ops.expert_ffn_backward(grad_y.contiguous(), x, permutation, offsets, inverse, w13, w2, gate, h)
+    grad_x, grad_w13, grad_w2, grad_gate = grads
+    return grad_x, None, None, None, grad_w13, grad_w2, grad_gate, None
+
+
+torch.library.register_autograd("fomoe::route", _route_backward, setup_context=_route_setup)
+torch.library.register_autograd("fomoe::gather", _gather_backward, setup_context=_gather_setup)
+torch.library.register_autograd("fomoe::combine", _combine_backward, setup_context=_combine_setup)
+torch.library.register_autograd("fomoe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+torch.library.register_autograd("fomoe::expert_ffn", _expert_ffn_backward, setup_context=_expert_ffn_setup)
+
+
+# ---- reference fallback where a build has no device kernel -----------------------------------
+
+_fallback_lib = torch.library.Library("fomoe", "IMPL")
+_warned: set[str] = set()
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fomoe::{name}", key)
+
+
+def _warn_once(name: str, device: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"fomoe.{name}: this build of fomoe has no {device.upper()} kernel for it; running the "
+                      f"PyTorch reference path instead (correct but slow). Rebuild with CUDA for the fast path.",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _fallback(name: str, device: str):
+    ref = getattr(reference, name)
+
+    def kernel(*args):
+        _warn_once(name, device)
+        return ref(*args)
+
+    return kernel
+
+
+_registered_fallbacks: set[str] = set()
+for _name in OP_NAMES:
+    if not _has_kernel(_name, "CUDA"):
+        _fallback_lib.impl(_name, _fallback(_name, "cuda"), "CUDA")
+        _registered_fallbacks.add(_name)
+
+
+def reference_fallbacks() -> list[str]:
+    """Names of the ops that run the reference path on CUDA tensors in this build."""
+    return sorted(_registered_fallbacks)
