@@ -25,7 +25,7 @@ set(FOMOE_CUDA_FLAGS --expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills)
 # CUTLASS/CuTe headers (the nvidia-cutlass pip package) when the kernels need them.
 if(NOT DEFINED FOMOE_CUTLASS_INCLUDE)
   execute_process(
-    COMMAND "${Python_EXECUTABLE}" -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))"
+    COMMAND "${Python_EXECUTABLE}" -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')"
     OUTPUT_VARIABLE FOMOE_CUTLASS_INCLUDE OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
 endif()
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension with CUDA, run the GPU tests, run the
+# benchmarks, and write logs and JSON results to OUTDIR (at most 8 files come back).
+#
+#   bench/device_run.sh OUTDIR [STEP ...]
+#
+# STEPs (default: build tests bench):
+#   build               pip install --no-build-isolation -e . with CUDA (FOMOE_CUDA=1)
+#   tests[=PATHS]       pytest the GPU tests (default: everything marked 'cuda')
+#   bench[=SCRIPTS]     run bench/bench_*.py (or the named scripts), each writing OUTDIR/<name>.json
+#   sanitizer           compute-sanitizer memcheck + racecheck over bench/sanitize_cases.py
+# Wheels in .whl/ (packages the GPU image lacks) are installed to /tmp/site first.
+set -uo pipefail
+OUT_DIR=${1:?usage: bench/device_run.sh OUTDIR [STEP ...]}
+shift
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build tests bench)
+mkdir -p "$OUT_DIR"
+cd "$(dirname "$0")/.."
+
+# NVLink multicast stays off on shared multi-GPU hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+status=0
+for step in "${STEPS[@]}"; do
+  name=${step%%=*}
+  arg=""; [[ "$step" == *=* ]] && arg=${step#*=}
+  case "$name" in
+    build)
+      echo "== build"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+      start=$(date +%s)
+      FOMOE_CUDA=1 FOMOE_BUILD_JOBS=${FOMOE_BUILD_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . \
+        > "$OUT_DIR/build.log" 2>&1 || { echo "BUILD FAILED"; tail -60 "$OUT_DIR/build.log"; exit 1; }
+      echo "built in $(( $(date +%s) - start )) s"
+      $PY -c "import fomoe, torch; print('fomoe', fomoe.__version__, 'cuda kernels:', fomoe.WITH_CUDA, 'fallbacks:', fomoe.ops.reference_fallbacks(), 'torch', torch.__version__)"
+      ;;
+    tests)
+      echo "== tests ${arg:-(-m cuda)}"
+      if [ -n "$arg" ]; then
+        $PY -m pytest -q -rs ${arg//,/ } 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
+      else
+        $PY -m pytest -q -rs -m cuda tests 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
+      fi
+      [ "$rc" -ne 0 ] && status=1
+      ;;
+    bench)
+      scripts=${arg:-$(ls bench/bench_*.py 2>/dev/null | tr '\n' ',')}
+      for script in ${scripts//,/ }; do
+        [ -f "$script" ] || continue
+        echo "== $script"
+        $PY "$script" --json "$OUT_DIR/$(basename "$script" .py).json" 2>&1 | tee -a "$OUT_DIR/bench.log" | tail -40
+        [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+      done
+      ;;
+    sanitizer)
+      echo "== compute-sanitizer"
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 $PY bench/sanitize_cases.py \
+          > "$OUT_DIR/sanitizer-$tool.log" 2>&1; rc=$?
+        echo "$tool: exit $rc"; tail -5 "$OUT_DIR/sanitizer-$tool.log"
+        [ "$rc" -ne 0 ] && status=1
+      done
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $status
