@@ -202,8 +202,10 @@ class MoE(nn.Module):
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"fomoe.MoE expects inputs [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
         xs = x.reshape(-1, cfg.d_model)
+        router_dtype = torch.float64 if xs.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(xs.float(), self.router.weight.float())  # router math stays fp32
+            # Router math stays fp32 under autocast (fp64 for fp64 inputs, for gradcheck).
+            logits = F.linear(xs.to(router_dtype), self.router.weight.to(router_dtype))
         raw_logits = logits
         if cfg.skip_policy == "reroute" and self.partial:
             logits = logits.masked_fill(~self.resident_mask, float("-inf"))

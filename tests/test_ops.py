@@ -1,0 +1,263 @@
+"""Every fomoe op on CPU against fomoe.reference, plus gradcheck and opcheck."""
+
+import itertools
+
+import pytest
+import torch
+
+import fomoe  # noqa: F401  (loads the op library)
+from fomoe import ops, reference as ref
+from routing_cases import random_ids, random_logits, random_resident, routing_problem
+
+ROUTE_CASES = [(T, E, k) for T in (0, 1, 7, 31, 128) for E in (1, 3, 8, 64) for k in (1, 2, 3, 8) if k <= E]
+
+
+@pytest.mark.parametrize("T,E,k", ROUTE_CASES)
+@pytest.mark.parametrize("score,renormalize", list(itertools.product(("softmax", "sigmoid"), (True, False))))
+def test_route_matches_reference(T, E, k, score, renormalize, gen):
+    logits = random_logits(T, E, gen)
+    w, ids = ops.route(logits, k, score, renormalize)
+    w_ref, ids_ref = ref.route(logits, k, score, renormalize)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+    if T and renormalize:
+        torch.testing.assert_close(w.sum(1), torch.ones(T), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_route_dtypes_compute_in_fp32(dtype, gen):
+    logits = random_logits(33, 16, gen, dtype=dtype)
+    w, ids = ops.route(logits, 4)
+    w_ref, ids_ref = ref.route(logits, 4)
+    assert w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref)
+
+
+@pytest.mark.parametrize("score,renormalize", list(itertools.product(("softmax", "sigmoid"), (True, False))))
+@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (5, 3, 2), (17, 8, 3), (9, 64, 8)])
+def test_route_gradients(T, E, k, score, renormalize, gen):
+    logits = random_logits(T, E, gen, dtype=torch.float64).requires_grad_(True)
+    torch.autograd.gradcheck(lambda z: ops.route(z, k, score, renormalize)[0], (logits,))
+    w, ids = ops.route(logits, k, score, renormalize)
+    grad_w = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(w, logits, grad_w)
+    expected = ref.route_backward(grad_w, logits, w, ids, score, renormalize)
+    torch.testing.assert_close(grad, expected)
+
+
+DISPATCH_CASES = [(T, E, k, L) for T, E, k in [(0, 3, 2), (1, 1, 1), (2, 3, 3), (13, 8, 2), (97, 64, 8), (256, 16, 4)]
+                  for L in sorted({0, 1, E // 2, E})]
+
+
+@pytest.mark.parametrize("T,E,k,num_local", DISPATCH_CASES)
+def test_dispatch_matches_reference(T, E, k, num_local, gen):
+    ids = random_ids(T, E, k, gen)
+    resident_map, chosen = random_resident(E, num_local, gen)
+    perm, offsets, inverse = ops.dispatch(ids, resident_map, num_local)
+    perm_ref, offsets_ref, inverse_ref = ref.dispatch(ids, resident_map, num_local)
+    assert torch.equal(offsets, offsets_ref)
+    kept = int(offsets[-1])
+    assert kept == sum(int((ids == e).sum()) for e in chosen)
+    assert torch.equal(inverse, inverse_ref)
+    # Per expert, the same assignments (the op also promises the stable order, checked exactly).
+    for slot in range(num_local):
+        a, b = int(offsets[slot]), int(offsets[slot + 1])
+        assert torch.equal(perm[a:b].sort().values, perm_ref[a:b].sort().values)
+        assert bool((ids.reshape(-1)[perm[a:b].long()] == chosen[slot]).all())
+    assert torch.equal(perm, perm_ref)
+    assert bool((perm[kept:] == -1).all())
+
+
+def test_dispatch_skips_everything_and_nothing(gen):
+    ids = random_ids(50, 6, 2, gen)
+    none_held = torch.full((6,), -1, dtype=torch.int32)
+    perm, offsets, inverse = ops.dispatch(ids, none_held, 0)
+    assert offsets.tolist() == [0] and bool((perm == -1).all()) and bool((inverse == -1).all())
+    all_held = torch.arange(6, dtype=torch.int32)
+    perm, offsets, inverse = ops.dispatch(ids, all_held, 6)
+    assert int(offsets[-1]) == 100 and bool((inverse >= 0).all())
+    assert torch.equal(perm[inverse.reshape(-1).long()], torch.arange(100, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("T,d,E,k,L", [(0, 4, 3, 2, 2), (1, 3, 1, 1, 1), (11, 5, 4, 2, 3), (29, 16, 8, 3, 4)])
+def test_gather_combine_match_reference(T, d, E, k, L, gen):
+    p = routing_problem(T, d, 3, E, k, L, gen, dtype=torch.float32)
+    x, perm, inv, gate = p["x"], p["permutation"], p["inverse"], p["gate"]
+    for scale in (None, gate):
+        torch.testing.assert_close(ops.gather(x, perm, inv, scale), ref.gather(x, perm, inv, scale))
+    rows = torch.randn(T * k, d, generator=gen)
+    for g in (None, gate):
+        torch.testing.assert_close(ops.combine(rows, perm, inv, g), ref.combine(rows, perm, inv, g))
+    gy = torch.randn(T, d, generator=gen)
+    torch.testing.assert_close(torch.ops.fomoe.combine_gate_grad(gy, rows, inv), ref.combine_gate_grad(gy, rows, inv))
+
+
+def test_gather_combine_gradcheck(gen):
+    p = routing_problem(9, 4, 3, 5, 2, 3, gen)
+    perm, inv = p["permutation"], p["inverse"]
+    x = p["x"].requires_grad_(True)
+    scale = p["gate"].requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, s: ops.gather(a, perm, inv, s), (x, scale))
+    rows = torch.randn(18, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r, g: ops.combine(r, perm, inv, g), (rows, scale))
+
+
+@pytest.mark.parametrize("counts", [[0], [3], [0, 5, 0, 2], [1, 0, 0], [7, 1, 4]])
+def test_grouped_mm_matches_reference(counts, gen):
+    E, K, M = len(counts), 6, 5
+    N = sum(counts) + 3  # trailing padding rows must come out zero
+    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
+    a = torch.randn(N, K, generator=gen)
+    b = torch.randn(E, K, M, generator=gen)
+    out = ops.grouped_mm(a, b, offsets)
+    torch.testing.assert_close(out, ref.grouped_mm(a, b, offsets))
+    assert bool((out[sum(counts):] == 0).all())
+    torch.testing.assert_close(ops.grouped_mm(a, b.transpose(1, 2).contiguous().transpose(1, 2), offsets), out)
+    g = torch.randn(N, M, generator=gen)
+    torch.testing.assert_close(ops.grouped_mm_wgrad(a, g, offsets), ref.grouped_mm_wgrad(a, g, offsets))
+
+
+def test_grouped_mm_gradcheck(gen):
+    offsets = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    a = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: ops.grouped_mm(x, w, offsets), (a, b))
+
+
+EXPERT_FFN_CASES = [(0, 4, 3, 3, 2, 2), (1, 4, 3, 1, 1, 1), (7, 6, 5, 4, 2, 4), (23, 8, 6, 8, 3, 3),
+                    (31, 16, 12, 64, 8, 32)]
+
+
+@pytest.mark.parametrize("T,d,f,E,k,L", EXPERT_FFN_CASES)
+def test_expert_ffn_matches_reference(T, d, f, E, k, L, gen):
+    p = routing_problem(T, d, f, E, k, L, gen, dtype=torch.float32)
+    args = (p["x"], p["permutation"], p["offsets"], p["inverse"], p["w13"], p["w2"], p["gate"])
+    y, h = torch.ops.fomoe.expert_ffn(*args, True)
+    y_ref, h_ref = ref.expert_ffn(*args, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    kept = int(p["offsets"][-1])
+    torch.testing.assert_close(h[:kept], h_ref[:kept], rtol=1e-5, atol=1e-5)
+    gy = torch.randn(y.shape, generator=gen)
+    grads = torch.ops.fomoe.expert_ffn_backward(gy, *args, h)
+    grads_ref = ref.expert_ffn_backward(gy, *args, h)
+    for name, g, g_ref in zip(("x", "w13", "w2", "gate"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_expert_ffn_gradcheck(gen):
+    p = routing_problem(6, 4, 3, 4, 2, 3, gen)
+    leaves = [p[n].requires_grad_(True) for n in ("x", "w13", "w2", "gate")]
+
+    def fn(x, w13, w2, gate):
+        return ops.expert_ffn(x, p["permutation"], p["offsets"], p["inverse"], w13, w2, gate)
+
+    torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+def test_expert_ffn_without_saved_h_refuses_backward(gen):
+    p = routing_problem(4, 4, 3, 2, 1, 2, gen)
+    x = p["x"].requires_grad_(True)
+    y, _ = torch.ops.fomoe.expert_ffn(x, p["permutation"], p["offsets"], p["inverse"], p["w13"], p["w2"],
+                                      p["gate"], False)
+    with pytest.raises(RuntimeError, match="save_for_backward"):
+        y.sum().backward()
+
+
+# ---- opcheck ------------------------------------------------------------------------------
+
+def _opcheck_samples(gen):
+    p = routing_problem(9, 6, 4, 5, 2, 3, gen, dtype=torch.float32)
+    perm, offsets, inv, gate = p["permutation"], p["offsets"], p["inverse"], p["gate"]
+    rows = torch.randn(18, 6, generator=gen)
+    logits = random_logits(9, 5, gen)
+    w, ids = ops.route(logits, 2)
+    h = torch.ops.fomoe.expert_ffn(p["x"], perm, offsets, inv, p["w13"], p["w2"], gate, True)[1]
+    a = torch.randn(18, 6, generator=gen)
+    return [
+        ("route", (logits.clone().requires_grad_(True), 2, "softmax", True)),
+        ("route", (logits, 3, "sigmoid", False)),
+        ("route_backward", (torch.randn(9, 2, generator=gen), logits, w, ids, "softmax", True)),
+        ("dispatch", (p["ids"], p["resident_map"], 3)),
+        ("gather", (p["x"].clone().requires_grad_(True), perm, inv, gate.clone().requires_grad_(True))),
+        ("gather", (p["x"], perm, inv, None)),
+        ("combine", (rows.clone().requires_grad_(True), perm, inv, gate.clone().requires_grad_(True))),
+        ("combine_gate_grad", (p["x"], rows, inv)),
+        ("grouped_mm", (a.clone().requires_grad_(True), torch.randn(3, 6, 4, generator=gen, requires_grad=True),
+                        offsets)),
+        ("grouped_mm_wgrad", (a, torch.randn(18, 4, generator=gen), offsets)),
+        ("expert_ffn", (p["x"].clone().requires_grad_(True), perm, offsets, inv, p["w13"].clone().requires_grad_(True),
+                        p["w2"].clone().requires_grad_(True), gate.clone().requires_grad_(True), True)),
+        ("expert_ffn", (p["x"], perm, offsets, inv, p["w13"], p["w2"], gate, False)),
+        ("expert_ffn_backward", (torch.randn(9, 6, generator=gen), p["x"], perm, offsets, inv, p["w13"], p["w2"],
+                                 gate, h)),
+    ]
+
+
+def test_opcheck_covers_every_op(gen):
+    assert {name for name, _ in _opcheck_samples(gen)} == set(ops.OP_NAMES)
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_opcheck(index, gen):
+    name, args = _opcheck_samples(gen)[index]
+    torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+def test_route_rejects_bad_input(gen):
+    logits = random_logits(4, 3, gen)
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        ops.route(logits, 4)
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        ops.route(logits, 0)
+    with pytest.raises(RuntimeError, match="2-D"):
+        ops.route(logits.reshape(-1), 1)
+    with pytest.raises(RuntimeError, match="floating"):
+        ops.route(torch.ones(4, 3, dtype=torch.int64), 1)
+    with pytest.raises(RuntimeError, match="score must be"):
+        ops.route(logits, 1, "relu")
+
+
+def test_route_handles_nan_without_crashing():
+    logits = torch.tensor([[0.0, float("nan"), 1.0, -1.0]])
+    w, ids = ops.route(logits, 2)
+    assert ids[0, 0].item() == 1  # NaN ranks highest, as in torch.topk
+
+
+def test_dispatch_rejects_bad_input(gen):
+    ids = random_ids(5, 4, 2, gen)
+    resident = torch.arange(4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.dispatch(torch.full((5, 2), 4, dtype=torch.int32), resident, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.dispatch(torch.full((5, 2), -2, dtype=torch.int32), resident, 4)
+    with pytest.raises(RuntimeError, match="not a local slot"):
+        ops.dispatch(ids, torch.tensor([0, 1, 2, 9], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.dispatch(ids.float(), resident, 4)
+    with pytest.raises(RuntimeError, match="num_local"):
+        ops.dispatch(ids, resident, 5)
+    # int64 ids from torch.topk are accepted by the Python entry point.
+    assert torch.equal(ops.dispatch(ids.long(), resident, 4)[0], ops.dispatch(ids, resident, 4)[0])
+
+
+def test_expert_ffn_rejects_bad_input(gen):
+    p = routing_problem(6, 4, 3, 4, 2, 3, gen, dtype=torch.float32)
+    args = dict(x=p["x"], permutation=p["permutation"], offsets=p["offsets"], inverse=p["inverse"], w13=p["w13"],
+                w2=p["w2"], gate=p["gate"])
+    bad = [
+        (dict(x=p["x"].double()), "share one floating dtype"),
+        (dict(w13=p["w13"][:, :, :-1]), "inconsistent shapes"),
+        (dict(offsets=p["offsets"][:-1]), "offsets must be 1-D"),
+        (dict(offsets=p["offsets"].flip(0)), "non-decreasing"),
+        (dict(gate=p["gate"][:, :1]), "gate weights must be"),
+        (dict(permutation=p["permutation"].clamp_max(0) + 100), "routing table entry"),
+        (dict(x=p["x"][:, None]), "x must be"),
+    ]
+    for override, message in bad:
+        kwargs = {**args, **override}
+        with pytest.raises(RuntimeError, match=message):
+            ops.expert_ffn(**kwargs)
