@@ -41,8 +41,14 @@ def _write_build_info(package_dir: Path, torch_mod, cuda_enabled: bool, archs: s
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
-        import torch
+        try:
+            import pybind11
+            import torch
+        except ImportError as exc:
+            raise RuntimeError(
+                f"building fomoe needs torch and pybind11 importable ({exc}); install them first and build with "
+                "`pip install --no-build-isolation .` so the extension matches the torch that will import it"
+            ) from exc
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = out_path.parent
