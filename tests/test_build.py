@@ -1,0 +1,29 @@
+"""The built extension: build facts, and the refusal of a build made for another torch."""
+
+import pytest
+import torch
+
+import fomoe
+from fomoe import _build_info, _extension, ops
+
+
+def test_build_info_matches_running_torch():
+    assert _build_info.TORCH_VERSION.split("+")[0] == torch.__version__.split("+")[0]
+    assert fomoe.WITH_CUDA == _build_info.WITH_CUDA
+    assert _extension._C.torch_version == _build_info.TORCH_VERSION
+
+
+def test_extension_built_for_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_build_info, "TORCH_VERSION", "1.0.0")
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 .* pip install --no-build-isolation"):
+        _extension.load()
+
+
+def test_every_op_has_a_cpu_kernel():
+    for name in ops.OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fomoe::{name}", "CPU"), name
+
+
+@pytest.mark.skipif(fomoe.WITH_CUDA, reason="a CUDA build has CUDA kernels")
+def test_cpu_only_build_registers_reference_fallbacks_for_cuda():
+    assert ops.reference_fallbacks() == sorted(ops.OP_NAMES)
