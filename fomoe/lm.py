@@ -211,7 +211,8 @@ class MoELM(nn.Module):
                 continue
             gen = torch.Generator().manual_seed(_seed_from("fomoe-lm", self.seed, name))
             scale = out_std if name.endswith("attn.out.weight") else std
-            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+            # Drawn on the CPU (the generator's device) so every device gets the same values.
+            param.copy_(torch.randn(param.shape, generator=gen, device="cpu") * scale)
 
     def moe_layers(self) -> list[nn.Module]:
         return [block.moe for block in self.blocks]
