@@ -1,0 +1,373 @@
+"""Transports of the federation: ring all-reduce and ring all-gather among a subset of ranks.
+
+The sync manager sums pseudo-gradients among the holders of each expert (a *holder group*)
+with a ring all-reduce run as a point-to-point schedule over the default process group: no
+sub-communicators, so any holder set works without creating groups. The schedule itself
+(which chunk each rank sends and receives at each step) has one home, ``ring_plan`` /
+``allgather_plan``; the transports only execute it:
+
+- ``GlooTransport``: torch.distributed ``isend``/``irecv`` on CPU tensors (any backend's
+  default group works; a gloo group is created if the default one is not gloo);
+- ``NcclTransport``: the extension's NCCL communicator (``ncclSend``/``ncclRecv`` in groups
+  over one communicator bootstrapped through torch.distributed's store) on CUDA tensors.
+
+Ring all-reduce of ``numel`` elements over ``n`` ranks: the buffer is cut into ``n`` chunks
+(sizes differ by at most one element, the larger ones first). Reduce-scatter: at step s
+(0 <= s < n-1) the rank at position p sends chunk (p - s) mod n to position p+1 and
+accumulates chunk (p - s - 1) mod n received from position p-1; afterwards it owns the fully
+reduced chunk (p + 1) mod n. All-gather: at step s it sends chunk (p + 1 - s) mod n and
+receives chunk (p - s) mod n, overwriting. Every chunk's final value is computed by exactly
+one rank and copied to the others, so every member ends with bitwise-identical results.
+
+Wire formats: fp32 (exact), bf16 (each hop rounds the partial sum to bf16; accumulation in
+fp32; the owner rounds the final chunk so every member holds the same values), and int8
+(per-block scales; run as an all-gather of every member's quantised payload, summed in rank
+order by every member — int8 partial sums cannot be re-quantised hop by hop without drift).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+COMPRESSIONS = (None, "bf16", "int8")
+INT8_BLOCK = 256  # elements per int8 scale
+
+
+# ---- the schedule (one home) ----------------------------------------------------------------
+
+def ring_chunks(numel: int, group_size: int) -> list[tuple[int, int]]:
+    """(start, length) of the ring's chunks: sizes differ by at most one, larger ones first."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    base, rem = divmod(numel, group_size)
+    chunks, start = [], 0
+    for i in range(group_size):
+        length = base + (1 if i < rem else 0)
+        chunks.append((start, length))
+        start += length
+    return chunks
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """The ring all-reduce seen from one member: chunks and, per step, which chunk goes where.
+
+    Steps name chunk indices; ``next_position`` receives what this member sends and
+    ``prev_position`` sends what it receives.
+    """
+
+    group_size: int
+    position: int
+    chunks: tuple[tuple[int, int], ...]
+    reduce_steps: tuple[tuple[int, int], ...]   # (send chunk, recv-and-accumulate chunk)
+    gather_steps: tuple[tuple[int, int], ...]   # (send chunk, recv-and-overwrite chunk)
+    owned_chunk: int                            # fully reduced here after the reduce-scatter
+
+    @property
+    def next_position(self) -> int:
+        return (self.position + 1) % self.group_size
+
+    @property
+    def prev_position(self) -> int:
+        return (self.position - 1) % self.group_size
+
+    def elements(self) -> tuple[int, int]:
+        """(sent, received) elements over the whole all-reduce."""
+        steps = self.reduce_steps + self.gather_steps
+        return (sum(self.chunks[s][1] for s, _ in steps), sum(self.chunks[r][1] for _, r in steps))
+
+
+def ring_plan(numel: int, group_size: int, position: int) -> RingPlan:
+    if not 0 <= position < group_size:
+        raise ValueError(f"position {position} out of range for a group of {group_size}")
+    n, p = group_size, position
+    reduce_steps = tuple(((p - s) % n, (p - s - 1) % n) for s in range(n - 1))
+    gather_steps = tuple(((p + 1 - s) % n, (p - s) % n) for s in range(n - 1))
+    return RingPlan(n, p, tuple(ring_chunks(numel, n)), reduce_steps, gather_steps, (p + 1) % n)
+
+
+def allgather_plan(group_size: int, position: int) -> tuple[tuple[int, int], ...]:
+    """Ring all-gather of one payload per member: per step (send slot, receive slot)."""
+    n, p = group_size, position
+    return tuple(((p - s) % n, (p - s - 1) % n) for s in range(n - 1))
+
+
+def ring_allreduce_bytes(numel: int, elem_bytes: int, group_size: int, position: int) -> tuple[int, int]:
+    """Exact (sent, received) bytes of the ring all-reduce for the member at ``position``."""
+    sent, recv = ring_plan(numel, group_size, position).elements()
+    return sent * elem_bytes, recv * elem_bytes
+
+
+def ring_allgather_bytes(payload_bytes: int, group_size: int, position: int) -> tuple[int, int]:
+    """Exact (sent, received) bytes of the ring all-gather of equal payloads."""
+    if not 0 <= position < group_size:
+        raise ValueError(f"position {position} out of range for a group of {group_size}")
+    steps = len(allgather_plan(group_size, position))
+    return steps * payload_bytes, steps * payload_bytes
+
+
+def int8_payload_bytes(numel: int) -> int:
+    """Bytes of one member's int8 payload: one byte per element plus an fp32 scale per block."""
+    return numel + 4 * math.ceil(numel / INT8_BLOCK)
+
+
+def check_compression(compression: str | None) -> str | None:
+    if compression in ("none", "fp32"):
+        return None
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of none, bf16, int8; got {compression!r}")
+    return compression
+
+
+def sum_bytes(numel: int, group_size: int, position: int, compression: str | None = None) -> tuple[int, int]:
+    """(sent, received) bytes of ``Transport.sum_`` of ``numel`` fp32 elements with ``compression``."""
+    compression = check_compression(compression)
+    if group_size == 1 or numel == 0:
+        return 0, 0
+    if compression == "int8":
+        return ring_allgather_bytes(int8_payload_bytes(numel), group_size, position)
+    return ring_allreduce_bytes(numel, 2 if compression == "bf16" else 4, group_size, position)
+
+
+# ---- int8 codec -------------------------------------------------------------------------------
+
+def int8_encode(x: Tensor) -> Tensor:
+    """fp32 [N] -> one uint8 payload [int8_payload_bytes(N)]: int8 values then fp32 block scales."""
+    n = x.numel()
+    blocks = math.ceil(n / INT8_BLOCK)
+    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    rows = padded.view(blocks, INT8_BLOCK)
+    scale = rows.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)])
+
+
+def int8_decode(payload: Tensor, numel: int) -> Tensor:
+    blocks = math.ceil(numel / INT8_BLOCK)
+    q = payload[:numel].view(torch.int8).to(torch.float32)
+    scale = payload[numel:numel + 4 * blocks].view(torch.float32)
+    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=payload.device)
+    padded[:numel] = q
+    return (padded.view(blocks, INT8_BLOCK) * scale[:, None]).reshape(-1)[:numel]
+
+
+def compress_roundtrip(x: Tensor, compression: str | None) -> Tensor:
+    """What the receiving side reconstructs of a local contribution (for error feedback)."""
+    if compression is None:
+        return x
+    if compression == "bf16":
+        return x.to(torch.bfloat16).to(torch.float32)
+    return int8_decode(int8_encode(x), x.numel())
+
+
+# ---- transports -------------------------------------------------------------------------------
+
+class Transport:
+    """Sums a flat fp32 buffer in place among ``ranks`` (global ranks, sorted), every member
+    ending with bitwise-identical values; returns the (sent, received) bytes it moved."""
+
+    name = "abstract"
+    device_type = "cpu"
+
+    def sum_(self, buf: Tensor, ranks: Sequence[int], compression: str | None = None) -> tuple[int, int]:
+        ranks = tuple(ranks)
+        if self.rank not in ranks:
+            raise ValueError(f"rank {self.rank} is not a member of the group {ranks}")
+        if buf.dtype != torch.float32 or buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError("Transport.sum_ needs a contiguous 1-D fp32 buffer")
+        if self.device_type is not None and buf.device.type != self.device_type:
+            raise ValueError(f"{self.name} transport works on {self.device_type} tensors, got one on {buf.device}")
+        if len(ranks) == 1 or buf.numel() == 0:
+            return 0, 0
+        compression = check_compression(compression)
+        position = ranks.index(self.rank)
+        if compression == "int8":
+            return self._allgather_sum_int8(buf, ranks, position)
+        wire = torch.bfloat16 if compression == "bf16" else torch.float32
+        return self._ring_allreduce(buf, ranks, ring_plan(buf.numel(), len(ranks), position), wire)
+
+    def _allgather_sum_int8(self, buf: Tensor, ranks: tuple[int, ...], position: int) -> tuple[int, int]:
+        n, numel = len(ranks), buf.numel()
+        size = int8_payload_bytes(numel)
+        slots = torch.empty((n, size), dtype=torch.uint8, device=buf.device)
+        slots[position] = int8_encode(buf)
+        prev, nxt = ranks[(position - 1) % n], ranks[(position + 1) % n]
+        sent = recv = 0
+        for send_slot, recv_slot in allgather_plan(n, position):
+            self._exchange(slots[send_slot], nxt, slots[recv_slot], prev)
+            sent, recv = sent + size, recv + size
+        # Every member sums the same decoded payloads in rank order: identical results.
+        total = int8_decode(slots[0], numel)
+        for i in range(1, n):
+            total += int8_decode(slots[i], numel)
+        buf.copy_(total)
+        return sent, recv
+
+    def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+
+class GlooTransport(Transport):
+    """Ring schedules with torch.distributed point-to-point ops on CPU tensors."""
+
+    name = "gloo"
+    device_type = "cpu"
+
+    def __init__(self, group=None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("GlooTransport needs torch.distributed initialised (fomoe.launch.spawn or "
+                               "fomoe.launch.init_from_env)")
+        if group is None:
+            group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.group = group
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
+        # Raw bytes on the wire: gloo moves any dtype, and the byte count is what we count.
+        reqs = [dist.isend(send.contiguous().view(torch.uint8), dst, group=self.group),
+                dist.irecv(recv.view(torch.uint8), src, group=self.group)]
+        for req in reqs:
+            req.wait()
+
+    def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
+        nxt, prev = ranks[plan.next_position], ranks[plan.prev_position]
+        chunks = plan.chunks
+        elem = torch.empty(0, dtype=wire).element_size()
+        tmp = torch.empty(max(length for _, length in chunks), dtype=wire)
+        sent = recv = 0
+        for send_c, recv_c in plan.reduce_steps:
+            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
+            self._exchange(buf[s0:s0 + sl].to(wire), nxt, tmp[:rl], prev)
+            buf[r0:r0 + rl] += tmp[:rl].to(torch.float32)
+            sent, recv = sent + sl * elem, recv + rl * elem
+        # The owner fixes its chunk's final value in the wire format, so all members agree bitwise.
+        o0, ol = chunks[plan.owned_chunk]
+        final = buf.to(wire)
+        buf[o0:o0 + ol] = final[o0:o0 + ol].to(torch.float32)
+        for send_c, recv_c in plan.gather_steps:
+            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
+            self._exchange(final[s0:s0 + sl], nxt, final[r0:r0 + rl], prev)
+            buf[r0:r0 + rl] = final[r0:r0 + rl].to(torch.float32)
+            sent, recv = sent + sl * elem, recv + rl * elem
+        return sent, recv
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+class LoopbackTransport(Transport):
+    """A world of one worker: every group is just this rank, nothing moves."""
+
+    name = "loopback"
+    device_type = None
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+
+def default_transport(device: torch.device | str) -> Transport:
+    """The transport for buffers on ``device``: NCCL for CUDA, gloo otherwise (none for one worker)."""
+    device = torch.device(device)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return LoopbackTransport()
+    if device.type == "cuda":
+        return NcclTransport(device)
+    if device.type != "cpu":
+        raise ValueError(f"no fomoe transport for {device.type} tensors; keep the global copy on cpu or cuda")
+    return GlooTransport()
+
+
+class NcclTransport(Transport):
+    """Ring schedules over the extension's NCCL communicator (one per process, all ranks)."""
+
+    name = "nccl"
+    device_type = "cuda"
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        from . import nccl  # the extension's communicator; raises a clear error where unavailable
+        if not dist.is_initialized():
+            raise RuntimeError("NcclTransport needs torch.distributed initialised (for its store)")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.comm = nccl.Communicator.from_store(self.rank, self.world_size, self.device)
+
+    def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
+        self.comm.sendrecv(send.contiguous(), dst, recv, src)
+
+    def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
+        return self.comm.ring_allreduce(buf, ranks, plan, wire)
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+
+# ---- small control-plane exchanges through the store ---------------------------------------------
+
+_exchange_counter = [0]
+
+
+def gather_text(tag: str, text: str, timeout_s: float | None = None) -> list[str]:
+    """Every rank's ``text`` for ``tag`` (in rank order), through torch.distributed's store.
+
+    Used to check that all workers agree on a configuration before any collective runs, so a
+    mismatch fails on every worker with a clear message instead of hanging. Each call on a
+    rank must be matched by a call with the same tag on every other rank.
+    """
+    from torch.distributed import distributed_c10d as c10d
+    if not dist.is_initialized():
+        raise RuntimeError("gather_text needs torch.distributed initialised")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1:
+        return [text]
+    store = c10d._get_default_store()
+    _exchange_counter[0] += 1
+    key = f"fomoe/{tag}/{_exchange_counter[0]}"
+    store.set(f"{key}/{rank}", text)
+    out = []
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for r in range(world):
+        if deadline is not None:
+            store.wait([f"{key}/{r}"], datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
+        out.append(store.get(f"{key}/{r}").decode())
+    return out
+
+
+def agree(tag: str, config: dict, what: str = "configuration") -> None:
+    """Raise on every rank unless every rank passed the same ``config``."""
+    mine = json.dumps(config, sort_keys=True, default=str)
+    everyone = gather_text(tag, mine)
+    if all(t == mine for t in everyone):
+        return
+    ref = json.loads(everyone[0])
+    lines = []
+    for r, t in enumerate(everyone):
+        d = json.loads(t)
+        diff = {k: d.get(k) for k in sorted(set(d) | set(ref)) if d.get(k) != ref.get(k)}
+        if diff:
+            lines.append(f"  rank {r} differs from rank 0 in {diff} (rank 0: "
+                         f"{ {k: ref.get(k) for k in diff} })")
+    raise ValueError(f"workers disagree on the {what}:\n" + "\n".join(lines))

@@ -1,0 +1,578 @@
+"""The outer loop of federated training: what is synchronised, among whom, and the manager.
+
+Two halves with one home each:
+
+- the **schedule** (pure, no tensors): ``ParamLayout`` (sizes of the dense parameters and of
+  every expert) + a ``Placement`` + a method give ``build_schedule`` -> the list of
+  ``Bucket`` s, each one sum among one holder group; ``schedule_traffic`` gives the exact
+  bytes a rank sends and receives for them. The runtime executes exactly these buckets, and
+  ``fomoe.plan`` uses the same functions for its predictions.
+- the **manager** (``SyncManager``): wraps a model holding its resident experts and an inner
+  optimizer, keeps θ_global, and every ``sync_every`` inner steps computes the
+  pseudo-gradients Δ = θ_global − θ_local, averages them (dense over all workers, each expert
+  over its holders, optionally weighted by the tokens each holder routed to it), takes the
+  outer step on θ_global and resets θ_local ← θ_global. ``ddp`` all-reduces gradients every
+  step instead. One code path runs ``ddp``, ``diloco`` and ``fomoe``.
+
+Bucketing: parameters whose holder groups are identical share one bucket, so a round costs
+one collective per distinct holder group (the dense parameters travel with the experts that
+every worker holds). Inside a bucket: dense parameters in model order, then experts in
+(layer, expert) order, each expert as its ``w13`` then ``w2`` flattened.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import comm
+from .layer import MoE
+from .placement import Placement
+
+METHODS = ("fomoe", "diloco", "ddp")
+
+
+# ---- the schedule ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Sizes of what a sync moves: dense numel and, per MoE layer, per global expert, numel."""
+
+    dense_numel: int
+    expert_numel: tuple[tuple[int, ...], ...]   # [layer][global expert] -> numel of w13 + w2
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.expert_numel)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_numel[0]) if self.expert_numel else 0
+
+    def total_numel(self) -> int:
+        return self.dense_numel + sum(sum(layer) for layer in self.expert_numel)
+
+    @classmethod
+    def from_sizes(cls, dense_numel: int, num_layers: int, num_experts: int, expert_numel: int) -> "ParamLayout":
+        """Analytic layout: every expert of every layer has ``expert_numel`` parameters."""
+        return cls(int(dense_numel), tuple((int(expert_numel),) * num_experts for _ in range(num_layers)))
+
+    @classmethod
+    def from_lm_config(cls, cfg) -> "ParamLayout":
+        """Layout of a full ``fomoe.lm.MoELM`` built from ``cfg`` (an ``LMConfig``)."""
+        return cls.from_sizes(cfg.dense_params(), cfg.n_layers, cfg.num_experts, 3 * cfg.d_model * cfg.d_ff)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ParamLayout":
+        """Layout of ``model`` (any subset of experts resident): trainable dense parameters and
+        the size of every global expert of every ``fomoe.MoE`` layer."""
+        moes = moe_layers(model)
+        expert_ids = {id(p) for m in moes for p in (m.w13, m.w2)}
+        dense = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in expert_ids)
+        layers = []
+        for m in moes:
+            cfg = m.config
+            layers.append((cfg.d_model * 2 * cfg.d_ff + cfg.d_ff * cfg.d_model,) * cfg.num_experts)
+        return cls(dense, tuple(layers))
+
+    def to_dict(self) -> dict:
+        return {"dense_numel": self.dense_numel, "expert_numel": [list(l) for l in self.expert_numel]}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One sum among one group of ranks.
+
+    ranks: members (global ranks, sorted). numel: fp32 elements summed (dense + experts).
+    experts: (layer, global expert) carried, in bucket order. weighted: experts are averaged by
+    token counts, so a second, small fp32 sum of one count per expert follows. compression:
+    wire format of the data sum (None = fp32). purpose: "grads" (ddp, every step) or
+    "pseudo_grads" (outer sync).
+    """
+
+    ranks: tuple[int, ...]
+    numel: int
+    dense_numel: int
+    experts: tuple[tuple[int, int], ...]
+    weighted: bool = False
+    compression: str | None = None
+    purpose: str = "pseudo_grads"
+
+    @property
+    def count_numel(self) -> int:
+        return len(self.experts) if self.weighted else 0
+
+    @property
+    def elem_bytes(self) -> int:
+        return {None: 4, "bf16": 2, "int8": 1}[self.compression]
+
+    def traffic(self, rank: int) -> tuple[int, int]:
+        """Exact (sent, received) bytes of this bucket for ``rank`` (zero if not a member)."""
+        if rank not in self.ranks:
+            return 0, 0
+        n, pos = len(self.ranks), self.ranks.index(rank)
+        sent, recv = comm.sum_bytes(self.numel, n, pos, self.compression)
+        if self.count_numel:
+            s, r = comm.sum_bytes(self.count_numel, n, pos, None)
+            sent, recv = sent + s, recv + r
+        return sent, recv
+
+
+def build_schedule(layout: ParamLayout, placement: Placement | None, method: str, weighted: bool = False,
+                   compression: str | None = None, num_workers: int | None = None) -> list[Bucket]:
+    """The buckets of one sync: one outer round (fomoe, diloco) or one step's gradients (ddp).
+
+    ``placement`` may be None for ddp and diloco (full replicas of ``num_workers`` workers).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    compression = comm.check_compression(compression)
+    if placement is None:
+        if method == "fomoe":
+            raise ValueError("method 'fomoe' needs a placement")
+        if num_workers is None:
+            raise ValueError(f"method {method!r} without a placement needs num_workers")
+        placement = Placement.full(num_workers, max(layout.num_experts, 1), max(layout.num_layers, 1))
+    if num_workers is not None and num_workers != placement.num_workers:
+        raise ValueError(f"placement is for {placement.num_workers} workers, the run has {num_workers}")
+    if (layout.num_layers, layout.num_experts) != (placement.num_layers, placement.num_experts) and layout.num_layers:
+        raise ValueError(f"the model has {layout.num_layers} MoE layers of {layout.num_experts} experts, the "
+                         f"placement {placement.num_layers} layers of {placement.num_experts}")
+    if method in ("ddp", "diloco") and not placement.is_full():
+        raise ValueError(f"method {method!r} needs full replicas (placement 'full'); got {placement!r}")
+    everyone = tuple(range(placement.num_workers))
+    if method == "ddp":
+        if weighted or compression is not None:
+            raise ValueError("ddp all-reduces exact gradients: weighted averaging and compression do not apply")
+        experts = tuple((l, e) for l in range(layout.num_layers) for e in range(layout.num_experts))
+        return [Bucket(everyone, layout.total_numel(), layout.dense_numel, experts, purpose="grads")]
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    if layout.dense_numel:
+        groups[everyone] = []
+    for l in range(layout.num_layers):
+        for e in range(layout.num_experts):
+            groups.setdefault(tuple(placement.holders(l, e)), []).append((l, e))
+    order = sorted(groups, key=lambda ranks: (ranks != everyone, ranks))
+    buckets = []
+    for ranks in order:
+        experts = tuple(groups[ranks])
+        dense = layout.dense_numel if ranks == everyone else 0
+        numel = dense + sum(layout.expert_numel[l][e] for l, e in experts)
+        buckets.append(Bucket(ranks, numel, dense, experts, weighted=weighted and bool(experts),
+                              compression=compression))
+    return buckets
+
+
+def schedule_traffic(buckets: Sequence[Bucket], rank: int) -> tuple[int, int]:
+    """Exact (sent, received) bytes of ``rank`` for one execution of ``buckets``."""
+    sent = recv = 0
+    for b in buckets:
+        s, r = b.traffic(rank)
+        sent, recv = sent + s, recv + r
+    return sent, recv
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's ``fomoe.MoE`` modules; their order is the MoE layer index."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+# ---- the manager -----------------------------------------------------------------------------
+
+@dataclass
+class _Segment:
+    """One contiguous piece of a bucket: a flat view of a local parameter (a whole dense
+    parameter, or one expert's slot of ``w13``/``w2``) and, for outer syncs, of θ_global and
+    its gradient."""
+
+    offset: int
+    numel: int
+    param: nn.Parameter
+    slot: int | None               # expert slot in param, None for dense
+    local: Tensor
+    global_: Tensor | None = None
+    grad: Tensor | None = None
+    expert: int | None = None      # index into the bucket's experts (for token weights)
+
+    def param_grad(self, create: bool = False) -> Tensor | None:
+        """Flat view of this segment's part of the local parameter's gradient."""
+        if self.param.grad is None:
+            if not create:
+                return None
+            self.param.grad = torch.zeros_like(self.param)
+        g = self.param.grad if self.slot is None else self.param.grad[self.slot]
+        return g.reshape(-1)
+
+
+class SyncManager:
+    """Runs the inner optimizer and the federation's synchronisation.
+
+    Call ``step()`` after ``loss.backward()`` every inner step: ``ddp`` averages the gradients
+    over all workers then steps the inner optimizer; ``diloco`` / ``fomoe`` step the inner
+    optimizer and every ``sync_every`` steps run an outer sync. Gradients are zeroed after the
+    inner step. ``step()`` returns the round's record when it communicated, else None.
+
+    The model is the worker's own (only its resident experts; ``placement`` must agree with
+    the experts its ``fomoe.MoE`` layers hold). Expert parameters are the ``w13``/``w2`` of every
+    ``fomoe.MoE`` (layer index = order in ``model.modules()``); every other trainable parameter
+    is dense and averaged over all workers. θ_global lives on ``global_device`` (pinned when it
+    is the CPU and the model is on a GPU); its device picks the transport (gloo for cpu, NCCL
+    for cuda) unless ``transport`` is given.
+    """
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, method: str = "fomoe",
+                 sync_every: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
+                 transport: comm.Transport | None = None, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 nesterov: bool = True, weighted: bool = False, global_device: str | torch.device = "cpu",
+                 compression: str | None = None, max_grad_norm: float | None = None,
+                 check_initial_state: bool = True) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+            raise ValueError(f"sync_every (H) must be a positive integer, got {sync_every!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if outer_lr <= 0 or not 0 <= outer_momentum < 1:
+            raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1, got {outer_lr}, {outer_momentum}")
+        self.model, self.inner_optimizer = model, inner_optimizer
+        self.method, self.rank, self.world_size = method, rank, world_size
+        self.sync_every = 1 if method == "ddp" else sync_every
+        self.weighted, self.compression = weighted, comm.check_compression(compression)
+        self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        self.max_grad_norm = max_grad_norm
+        self.global_device = torch.device(global_device)
+
+        self.moes = moe_layers(model)
+        self.layout = ParamLayout.from_model(model)
+        if placement is None:
+            if method == "fomoe":
+                raise ValueError("method 'fomoe' needs a placement (fomoe.placement.Placement)")
+            placement = Placement.full(world_size, max(self.layout.num_experts, 1), max(self.layout.num_layers, 1))
+        if placement.num_workers != world_size:
+            raise ValueError(f"the placement is for {placement.num_workers} workers but world_size is {world_size}")
+        self.placement = placement
+        self._check_model_matches_placement()
+        self.buckets = build_schedule(self.layout, placement, method, weighted, self.compression)
+        self.my_buckets = [i for i, b in enumerate(self.buckets) if rank in b.ranks]
+        self.expected_traffic = schedule_traffic(self.buckets, rank)
+
+        if transport is None:
+            transport = comm.default_transport(self.global_device)
+        if transport.world_size != world_size or transport.rank != rank:
+            raise ValueError(f"transport is rank {transport.rank} of {transport.world_size}, the manager was given "
+                             f"rank {rank} of {world_size}")
+        self.transport = transport
+        if world_size > 1:
+            comm.agree("sync-config", self.config_summary(), "sync configuration")
+
+        self._dense = self._dense_params()
+        self.global_params: list[Tensor] = []
+        self.outer_optimizer: torch.optim.Optimizer | None = None
+        self._global_of: dict[int, Tensor] = {}
+        if method != "ddp":
+            pin = self.global_device.type == "cpu" and torch.cuda.is_available() and any(
+                p.is_cuda for p in model.parameters())
+            for p in self._held_params():
+                g = p.detach().to(self.global_device, copy=True)
+                g = g.pin_memory() if pin else g
+                g.grad = torch.zeros_like(g)
+                self.global_params.append(g)
+                self._global_of[id(p)] = g
+            self.outer_optimizer = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                                   nesterov=nesterov and outer_momentum > 0)
+        self._segments = {i: self._bucket_segments(self.buckets[i]) for i in self.my_buckets}
+        self._residual: dict[int, Tensor] = {}   # error feedback of compressed buckets
+        if check_initial_state and world_size > 1:
+            self._check_identical_start()
+
+        self.inner_step = 0
+        self.round = 0
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.history: list[dict] = []
+        self._reset_routing_counts()
+
+    # ---- construction helpers ---------------------------------------------------------------
+
+    def config_summary(self) -> dict:
+        """What every worker must agree on (also part of checkpoint manifests)."""
+        return {"method": self.method, "sync_every": self.sync_every, "world_size": self.world_size,
+                "placement": self.placement.fingerprint(), "weighted": self.weighted,
+                "compression": self.compression, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                "nesterov": self.nesterov, "dense_numel": self.layout.dense_numel,
+                "expert_numel": [list(l) for l in self.layout.expert_numel]}
+
+    def _check_model_matches_placement(self) -> None:
+        if len(self.moes) != self.placement.num_layers and self.moes:
+            raise ValueError(f"the model has {len(self.moes)} fomoe.MoE layers, the placement "
+                             f"{self.placement.num_layers}")
+        for l, m in enumerate(self.moes):
+            if m.num_experts != self.placement.num_experts:
+                raise ValueError(f"MoE layer {l} has {m.num_experts} experts, the placement {self.placement.num_experts}")
+            held = m.expert_ids.tolist()
+            want = self.placement.resident(self.rank, l)
+            if held != want:
+                raise ValueError(f"rank {self.rank}: MoE layer {l} holds experts {held} but the placement gives it "
+                                 f"{want}; build the model from the placement (e.g. MoELM.from_placement)")
+            for name in ("w13", "w2"):
+                if not getattr(m, name).is_contiguous():
+                    raise ValueError(f"MoE layer {l}: {name} must be contiguous")
+
+    def _dense_params(self) -> list[tuple[str, nn.Parameter]]:
+        expert_ids = {id(p) for m in self.moes for p in (m.w13, m.w2)}
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in expert_ids]
+
+    def _held_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self._dense] + [p for m in self.moes for p in (m.w13, m.w2)]
+
+    def _bucket_segments(self, bucket: Bucket) -> list[_Segment]:
+        segs: list[_Segment] = []
+        offset = 0
+        if bucket.dense_numel:
+            for _, p in self._dense:
+                segs.append(self._segment(offset, p, None, None))
+                offset += p.numel()
+        slot_of = [{gid: s for s, gid in enumerate(m.expert_ids.tolist())} for m in self.moes]
+        for k, (l, e) in enumerate(bucket.experts):
+            m, slot = self.moes[l], slot_of[l][e]
+            for p in (m.w13, m.w2):
+                segs.append(self._segment(offset, p, slot, k))
+                offset += p[slot].numel()
+        assert offset == bucket.numel, (offset, bucket.numel)
+        return segs
+
+    def _segment(self, offset: int, p: nn.Parameter, slot: int | None, expert: int | None) -> _Segment:
+        local = (p.detach() if slot is None else p.detach()[slot]).reshape(-1)
+        g = self._global_of.get(id(p))
+        gview = gradview = None
+        if g is not None:
+            gview = (g if slot is None else g[slot]).reshape(-1)
+            gradview = (g.grad if slot is None else g.grad[slot]).reshape(-1)
+        return _Segment(offset, local.numel(), p, slot, local, gview, gradview, expert)
+
+    def _checksums(self) -> dict[str, int]:
+        # Integer sums of the raw bits: exact and order-independent, so equal tensors agree bitwise.
+        def bits(t: Tensor) -> int:
+            flat = t.detach().reshape(-1)
+            view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+            return int(flat.view(view).sum(dtype=torch.int64).item())
+        out = {"dense": sum(bits(p) for _, p in self._dense) if self._dense else 0}
+        for l, m in enumerate(self.moes):
+            for gid, w13, w2 in m.expert_slices():
+                out[f"{l}/{gid}"] = bits(w13) + bits(w2)
+        return out
+
+    def _check_identical_start(self) -> None:
+        import json
+        everyone = [json.loads(t) for t in comm.gather_text("initial-state", json.dumps(self._checksums()))]
+        problems = []
+        if len({d["dense"] for d in everyone}) > 1:
+            problems.append("dense parameters differ between workers")
+        keys = sorted({k for d in everyone for k in d if k != "dense"})
+        for k in keys:
+            values = {r: d[k] for r, d in enumerate(everyone) if k in d}
+            if len(set(values.values())) > 1:
+                l, e = k.split("/")
+                problems.append(f"layer {l} expert {e} differs between its holders {sorted(values)}")
+        if problems:
+            raise ValueError("workers do not start from identical parameters (build every worker's model with the "
+                             "same seed; fomoe.MoE init_seed makes experts identical on all holders): "
+                             + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> dict | None:
+        """One inner step (after ``loss.backward()``); returns the sync record if it communicated."""
+        record = None
+        if self.method == "ddp":
+            record = self._allreduce_grads()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.inner_optimizer.step()
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        self.inner_step += 1
+        if self.method != "ddp" and self.inner_step % self.sync_every == 0:
+            record = self.sync()
+        return record
+
+    def sync(self) -> dict:
+        """An outer round now: pseudo-gradients averaged, outer step, θ_local ← θ_global."""
+        if self.method == "ddp":
+            raise RuntimeError("ddp has no outer sync")
+        start = time.perf_counter()
+        collectives = []
+        with torch.no_grad():
+            for i in self.my_buckets:
+                collectives.append(self._sync_bucket(i))
+            self.outer_optimizer.step()
+            for p in self._held_params():
+                p.detach().copy_(self._global_of[id(p)], non_blocking=True)
+        self._reset_routing_counts()
+        self.round += 1
+        return self._record(collectives, start)
+
+    def _sync_bucket(self, i: int) -> dict:
+        bucket, segs = self.buckets[i], self._segments[i]
+        dev = self.global_device
+        buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
+        counts = None
+        if bucket.count_numel:
+            counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
+                device=dev, dtype=torch.float32)
+        for s in segs:   # pack Δ = θ_global − θ_local (times this worker's token count if weighted)
+            out = buf[s.offset:s.offset + s.numel]
+            torch.sub(s.global_, s.local.to(dev, non_blocking=True), out=out)
+            if counts is not None and s.expert is not None:
+                out.mul_(counts[s.expert])
+        if bucket.compression is not None and len(bucket.ranks) > 1:
+            # Error feedback: what compression loses this round is added back next round.
+            residual = self._residual.get(i)
+            if residual is not None:
+                buf.add_(residual)
+            self._residual[i] = buf - comm.compress_roundtrip(buf, bucket.compression)
+        t0 = time.perf_counter()
+        sent, recv = self.transport.sum_(buf, bucket.ranks, bucket.compression)
+        if counts is not None:
+            s2, r2 = self.transport.sum_(counts, bucket.ranks, None)
+            sent, recv = sent + s2, recv + r2
+        seconds = time.perf_counter() - t0
+        n = float(len(bucket.ranks))
+        for s in segs:   # unpack the average into θ_global's gradient
+            src = buf[s.offset:s.offset + s.numel]
+            if counts is not None and s.expert is not None:
+                total = counts[s.expert]
+                # Experts nobody routed tokens to this round get no update.
+                torch.where(total > 0, src / total.clamp_min(1.0), torch.zeros((), device=dev), out=s.grad)
+            else:
+                torch.div(src, n, out=s.grad)
+        return {"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel, "experts": len(bucket.experts),
+                "compression": bucket.compression, "sent": sent, "recv": recv,
+                "seconds": seconds if dev.type == "cpu" else None}
+
+    def _allreduce_grads(self) -> dict:
+        start = time.perf_counter()
+        collectives = []
+        with torch.no_grad():
+            for i in self.my_buckets:
+                bucket, segs = self.buckets[i], self._segments[i]
+                buf = torch.empty(bucket.numel, dtype=torch.float32, device=self.global_device)
+                for s in segs:
+                    out = buf[s.offset:s.offset + s.numel]
+                    grad = s.param_grad()
+                    if grad is None:
+                        out.zero_()
+                    else:
+                        out.copy_(grad)
+                t0 = time.perf_counter()
+                sent, recv = self.transport.sum_(buf, bucket.ranks)
+                seconds = time.perf_counter() - t0
+                buf.div_(len(bucket.ranks))
+                for s in segs:
+                    s.param_grad(create=True).copy_(buf[s.offset:s.offset + s.numel])
+                collectives.append({"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel,
+                                    "experts": len(bucket.experts), "compression": None, "sent": sent, "recv": recv,
+                                    "seconds": seconds if self.global_device.type == "cpu" else None})
+        return self._record(collectives, start)
+
+    def _slot(self, layer: int, expert: int) -> int:
+        return int(self.moes[layer].resident_map[expert])
+
+    def _reset_routing_counts(self) -> None:
+        for m in self.moes:
+            m.reset_routing_counts()
+
+    def _record(self, collectives: list[dict], start: float) -> dict:
+        if self.global_device.type == "cuda":
+            torch.cuda.synchronize(self.global_device)
+        sent = sum(c["sent"] for c in collectives)
+        recv = sum(c["recv"] for c in collectives)
+        self.bytes_sent += sent
+        self.bytes_recv += recv
+        rec = {"method": self.method, "step": self.inner_step, "round": self.round, "bytes_sent": sent,
+               "bytes_recv": recv, "seconds": time.perf_counter() - start, "collectives": collectives}
+        self.history.append(rec)
+        return rec
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def global_state(self) -> dict[str, Tensor]:
+        """θ_global by the model's state_dict keys (experts as ``experts.<gid>.w13|w2``)."""
+        out: dict[str, Tensor] = {}
+        for name, p in self._dense:
+            out[name] = self._global_of[id(p)]
+        for prefix, m in self._moe_prefixes():
+            g13, g2 = self._global_of[id(m.w13)], self._global_of[id(m.w2)]
+            for slot, gid in enumerate(m.expert_ids.tolist()):
+                out[f"{prefix}experts.{gid}.w13"] = g13[slot]
+                out[f"{prefix}experts.{gid}.w2"] = g2[slot]
+        return out
+
+    def _moe_prefixes(self) -> list[tuple[str, MoE]]:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [(names[id(m)] + "." if names[id(m)] else "", m) for m in self.moes]
+
+    def state_dict(self) -> dict:
+        """Counters, θ_global, outer optimizer momenta (by parameter key) and error-feedback residuals."""
+        state: dict = {"method": self.method, "inner_step": self.inner_step, "round": self.round,
+                       "bytes_sent": self.bytes_sent, "bytes_recv": self.bytes_recv, "config": self.config_summary(),
+                       "history": list(self.history)}
+        if self.method != "ddp":
+            state["theta_global"] = {k: v.detach().clone().cpu() for k, v in self.global_state().items()}
+            momenta = {}
+            key_of = self._param_keys()
+            for g in self.global_params:
+                buf = self.outer_optimizer.state.get(g, {}).get("momentum_buffer")
+                if buf is not None:
+                    for key, view in key_of[id(g)]:
+                        momenta[key] = view(buf).detach().clone().cpu()
+            state["outer_momentum"] = momenta
+            state["residual"] = {str(i): r.detach().clone().cpu() for i, r in self._residual.items()}
+        return state
+
+    def _param_keys(self) -> dict[int, list[tuple[str, callable]]]:
+        # For every θ_global tensor: the state_dict keys it covers and how to take that part.
+        out: dict[int, list] = {}
+        for name, p in self._dense:
+            out[id(self._global_of[id(p)])] = [(name, lambda t: t)]
+        for prefix, m in self._moe_prefixes():
+            for pname in ("w13", "w2"):
+                g = self._global_of[id(getattr(m, pname))]
+                out[id(g)] = [(f"{prefix}experts.{gid}.{pname}", (lambda t, s=slot: t[s]))
+                              for slot, gid in enumerate(m.expert_ids.tolist())]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method") != self.method:
+            raise ValueError(f"sync state is for method {state.get('method')!r}, this manager runs {self.method!r}")
+        mine, theirs = self.config_summary(), state.get("config", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"sync state from a different configuration (saved, now): {diff}")
+        self.inner_step, self.round = int(state["inner_step"]), int(state["round"])
+        self.bytes_sent, self.bytes_recv = int(state["bytes_sent"]), int(state["bytes_recv"])
+        self.history = list(state.get("history", []))
+        if self.method == "ddp":
+            return
+        with torch.no_grad():
+            key_of = self._param_keys()
+            theta, momenta = state["theta_global"], state.get("outer_momentum", {})
+            for g in self.global_params:
+                parts = key_of[id(g)]
+                missing = [k for k, _ in parts if k not in theta]
+                if missing:
+                    raise ValueError(f"sync state lacks θ_global for {missing[:3]}")
+                for key, view in parts:
+                    view(g).copy_(theta[key])
+                if parts[0][0] in momenta:
+                    buf = torch.zeros_like(g)
+                    for key, view in parts:
+                        view(buf).copy_(momenta[key])
+                    self.outer_optimizer.state[g]["momentum_buffer"] = buf
+                else:
+                    self.outer_optimizer.state.pop(g, None)
+            self._residual = {int(i): r.to(self.global_device) for i, r in state.get("residual", {}).items()}
