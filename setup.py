@@ -104,7 +104,7 @@ setup(
     install_requires=[f"torch{SUPPORTED_TORCH}", "numpy", "safetensors", "tqdm"],
     extras_require={
         "report": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib", "transformers>=5.6,<6"],
     },
     ext_modules=[CMakeExtension("fomoe._C")],
     cmdclass={"build_ext": CMakeBuild},
