@@ -143,7 +143,7 @@ def sum_bytes(numel: int, group_size: int, position: int, compression: str | Non
 # ---- int8 codec -------------------------------------------------------------------------------
 
 def int8_encode(x: Tensor) -> Tensor:
-    """fp32 [N] -> one uint8 payload [int8_payload_bytes(N)]: int8 values then fp32 block scales."""
+    """fp32 [N] -> one uint8 payload [int8_payload_bytes(N)]: fp32 block scales, then int8 values."""
     n = x.numel()
     blocks = math.ceil(n / INT8_BLOCK)
     padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=x.device)
@@ -152,13 +152,13 @@ def int8_encode(x: Tensor) -> Tensor:
     scale = rows.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)])
+    return torch.cat([scale.view(torch.uint8), q.view(torch.uint8)])
 
 
 def int8_decode(payload: Tensor, numel: int) -> Tensor:
     blocks = math.ceil(numel / INT8_BLOCK)
-    q = payload[:numel].view(torch.int8).to(torch.float32)
-    scale = payload[numel:numel + 4 * blocks].view(torch.float32)
+    scale = payload[:4 * blocks].view(torch.float32)
+    q = payload[4 * blocks:4 * blocks + numel].view(torch.int8).to(torch.float32)
     padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=payload.device)
     padded[:numel] = q
     return (padded.view(blocks, INT8_BLOCK) * scale[:, None]).reshape(-1)[:numel]
@@ -171,6 +171,17 @@ def compress_roundtrip(x: Tensor, compression: str | None) -> Tensor:
     if compression == "bf16":
         return x.to(torch.bfloat16).to(torch.float32)
     return int8_decode(int8_encode(x), x.numel())
+
+
+def error_feedback_(buf: Tensor, residual: Tensor | None, compression: str | None) -> Tensor:
+    """Adds last round's compression error to ``buf`` (in place) and returns this round's.
+
+    Over many rounds the compressed contributions then sum to the exact ones up to one
+    round's error, instead of accumulating a bias.
+    """
+    if residual is not None:
+        buf.add_(residual)
+    return buf - compress_roundtrip(buf, compression)
 
 
 # ---- transports -------------------------------------------------------------------------------
@@ -202,7 +213,8 @@ class Transport:
     def _allgather_sum_int8(self, buf: Tensor, ranks: tuple[int, ...], position: int) -> tuple[int, int]:
         n, numel = len(ranks), buf.numel()
         size = int8_payload_bytes(numel)
-        slots = torch.empty((n, size), dtype=torch.uint8, device=buf.device)
+        # Slots padded to 4 bytes keep every payload's fp32 scales aligned; only size bytes move.
+        slots = torch.empty((n, -(-size // 4) * 4), dtype=torch.uint8, device=buf.device)[:, :size]
         slots[position] = int8_encode(buf)
         prev, nxt = ranks[(position - 1) % n], ranks[(position + 1) % n]
         sent = recv = 0
@@ -353,21 +365,33 @@ def gather_text(tag: str, text: str, timeout_s: float | None = None) -> list[str
         if deadline is not None:
             store.wait([f"{key}/{r}"], datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
         out.append(store.get(f"{key}/{r}").decode())
+    # The store lives in rank 0's process: rank 0 returns only once every rank has read, so a
+    # rank 0 that fails right after this exchange cannot take the store away from a slower reader.
+    if store.add(f"{key}/read", 1) == world:
+        store.set(f"{key}/all-read", "1")
+    if rank == 0:
+        store.wait([f"{key}/all-read"])
     return out
 
 
-def agree(tag: str, config: dict, what: str = "configuration") -> None:
-    """Raise on every rank unless every rank passed the same ``config``."""
-    mine = json.dumps(config, sort_keys=True, default=str)
-    everyone = gather_text(tag, mine)
-    if all(t == mine for t in everyone):
-        return
-    ref = json.loads(everyone[0])
+def agree(tag: str, config: dict, what: str = "configuration", error: str | None = None) -> None:
+    """Raise on every rank unless every rank passed the same ``config`` and no ``error``.
+
+    ``error``: this rank's own validation failure (or None); every rank learns of it, so all
+    workers fail together with the same message instead of waiting for the failed one.
+    """
+    mine = json.dumps({"config": config, "error": error}, sort_keys=True, default=str)
+    everyone = [json.loads(t) for t in gather_text(tag, mine)]
+    errors = [(r, d["error"]) for r, d in enumerate(everyone) if d["error"] is not None]
+    if errors:
+        raise ValueError(f"invalid {what}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+    ref = everyone[0]["config"]
     lines = []
-    for r, t in enumerate(everyone):
-        d = json.loads(t)
-        diff = {k: d.get(k) for k in sorted(set(d) | set(ref)) if d.get(k) != ref.get(k)}
+    for r, d in enumerate(everyone):
+        cfg = d["config"]
+        diff = sorted(k for k in set(cfg) | set(ref) if cfg.get(k) != ref.get(k))
         if diff:
-            lines.append(f"  rank {r} differs from rank 0 in {diff} (rank 0: "
-                         f"{ {k: ref.get(k) for k in diff} })")
-    raise ValueError(f"workers disagree on the {what}:\n" + "\n".join(lines))
+            lines.append(f"rank {r} has " + ", ".join(f"{k}={cfg.get(k)!r}" for k in diff) + " where rank 0 has "
+                         + ", ".join(f"{k}={ref.get(k)!r}" for k in diff))
+    if lines:
+        raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))

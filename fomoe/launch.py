@@ -133,27 +133,56 @@ def _worker(fn: Callable, rank: int, world_size: int, backend: str, port: int, t
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 (best effort on the way out)
-                pass
+            _leave(rank, world_size, min(timeout_s, 60.0))
+
+
+def _context(start_method: str | None):
+    # forkserver (where available): torch and fomoe are imported once by the server and every
+    # worker is a fork of it, so starting workers costs milliseconds instead of a torch import
+    # each (torch._dynamo too: every optimizer constructor imports it). The server never touches
+    # CUDA, so its forks may.
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch.optim", "torch._dynamo", "fomoe", "fomoe.sync"])
+    return ctx
+
+
+def _leave(rank: int, world_size: int, wait_s: float) -> None:
+    # The rendezvous store lives in rank 0's process: rank 0 waits (bounded) until every worker
+    # is leaving, so a fast rank 0 never pulls the store from under a worker still using it.
+    try:
+        from torch.distributed import distributed_c10d as c10d
+        store = c10d._get_default_store()
+        store.add("fomoe/leaving", 1)
+        deadline = time.monotonic() + wait_s
+        while rank == 0 and store.add("fomoe/leaving", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 (best effort on the way out; a peer may be gone already)
+        pass
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: Sequence = (),
           timeout_s: float = DEFAULT_TIMEOUT_S, threads_per_worker: int | None = None,
-          grace_s: float = 30.0) -> list[Any]:
+          grace_s: float = 30.0, start_method: str | None = None) -> list[Any]:
     """Run ``fn(ctx, *args)`` on ``world_size`` local worker processes; their results in rank order.
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s`` bounds every
     collective (torch.distributed's timeout) and the whole run. When a worker fails, the others
     get ``grace_s`` seconds to finish or fail on their own (a bad configuration fails on every
     worker) before they are terminated; then ``WorkerError`` reports every failure.
+    ``start_method``: multiprocessing start method (default forkserver where available, else spawn).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     backend = choose_backend(backend, world_size)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, backend, port, timeout_s, threads, tuple(args),

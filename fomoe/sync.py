@@ -231,35 +231,23 @@ class SyncManager:
                  nesterov: bool = True, weighted: bool = False, global_device: str | torch.device = "cpu",
                  compression: str | None = None, max_grad_norm: float | None = None,
                  check_initial_state: bool = True) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
-            raise ValueError(f"sync_every (H) must be a positive integer, got {sync_every!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        if outer_lr <= 0 or not 0 <= outer_momentum < 1:
-            raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1, got {outer_lr}, {outer_momentum}")
         self.model, self.inner_optimizer = model, inner_optimizer
         self.method, self.rank, self.world_size = method, rank, world_size
-        self.sync_every = 1 if method == "ddp" else sync_every
-        self.weighted, self.compression = weighted, comm.check_compression(compression)
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.weighted = max_grad_norm, weighted
         self.global_device = torch.device(global_device)
-
-        self.moes = moe_layers(model)
-        self.layout = ParamLayout.from_model(model)
-        if placement is None:
-            if method == "fomoe":
-                raise ValueError("method 'fomoe' needs a placement (fomoe.placement.Placement)")
-            placement = Placement.full(world_size, max(self.layout.num_experts, 1), max(self.layout.num_layers, 1))
-        if placement.num_workers != world_size:
-            raise ValueError(f"the placement is for {placement.num_workers} workers but world_size is {world_size}")
-        self.placement = placement
-        self._check_model_matches_placement()
-        self.buckets = build_schedule(self.layout, placement, method, weighted, self.compression)
-        self.my_buckets = [i for i, b in enumerate(self.buckets) if rank in b.ranks]
-        self.expected_traffic = schedule_traffic(self.buckets, rank)
+        # Validate locally, then make every worker learn of any worker's problem before the
+        # first collective: a bad configuration fails on all workers at once, never hangs.
+        try:
+            self._configure(method, sync_every, placement, compression)
+            local_error = None
+        except ValueError as exc:
+            local_error = f"{exc}"
+        if world_size > 1:
+            summary = self.config_summary() if local_error is None else {"method": method, "sync_every": sync_every}
+            comm.agree("sync-config", summary, "sync configuration", error=local_error)
+        if local_error is not None:
+            raise ValueError(local_error)
 
         if transport is None:
             transport = comm.default_transport(self.global_device)
@@ -267,8 +255,6 @@ class SyncManager:
             raise ValueError(f"transport is rank {transport.rank} of {transport.world_size}, the manager was given "
                              f"rank {rank} of {world_size}")
         self.transport = transport
-        if world_size > 1:
-            comm.agree("sync-config", self.config_summary(), "sync configuration")
 
         self._dense = self._dense_params()
         self.global_params: list[Tensor] = []
@@ -298,6 +284,34 @@ class SyncManager:
         self._reset_routing_counts()
 
     # ---- construction helpers ---------------------------------------------------------------
+
+    def _configure(self, method: str, sync_every: int, placement: Placement | None, compression) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+            raise ValueError(f"sync_every (H) must be a positive integer, got {sync_every!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} out of range for world_size {self.world_size}")
+        if self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1, got {self.outer_lr}, "
+                             f"{self.outer_momentum}")
+        self.sync_every = 1 if method == "ddp" else sync_every
+        self.compression = comm.check_compression(compression)
+        self.moes = moe_layers(self.model)
+        self.layout = ParamLayout.from_model(self.model)
+        if placement is None:
+            if method == "fomoe":
+                raise ValueError("method 'fomoe' needs a placement (fomoe.placement.Placement)")
+            placement = Placement.full(self.world_size, max(self.layout.num_experts, 1),
+                                       max(self.layout.num_layers, 1))
+        if placement.num_workers != self.world_size:
+            raise ValueError(f"the placement is for {placement.num_workers} workers but world_size is "
+                             f"{self.world_size}")
+        self.placement = placement
+        self._check_model_matches_placement()
+        self.buckets = build_schedule(self.layout, placement, method, self.weighted, self.compression)
+        self.my_buckets = [i for i, b in enumerate(self.buckets) if self.rank in b.ranks]
+        self.expected_traffic = schedule_traffic(self.buckets, self.rank)
 
     def config_summary(self) -> dict:
         """What every worker must agree on (also part of checkpoint manifests)."""
@@ -431,10 +445,7 @@ class SyncManager:
                 out.mul_(counts[s.expert])
         if bucket.compression is not None and len(bucket.ranks) > 1:
             # Error feedback: what compression loses this round is added back next round.
-            residual = self._residual.get(i)
-            if residual is not None:
-                buf.add_(residual)
-            self._residual[i] = buf - comm.compress_roundtrip(buf, bucket.compression)
+            self._residual[i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
         t0 = time.perf_counter()
         sent, recv = self.transport.sum_(buf, bucket.ranks, bucket.compression)
         if counts is not None:

@@ -58,13 +58,14 @@ def inner_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def train_worker(ctx, placement, method: str, steps: int, sync_every: int, weighted: bool = False,
                  compression=None, seed: int = 0):
-    """Train ``steps`` inner steps; return (final state_dict, records, expected traffic, losses)."""
+    """Train ``steps`` inner steps; return (final state_dict, sync records, expected traffic per sync,
+    losses, (bytes sent, bytes received), state_dict after each sync)."""
     from fomoe.sync import SyncManager
     model = make_model(placement, ctx.rank, seed)
     opt = inner_optimizer(model)
     mgr = SyncManager(model, opt, method=method, sync_every=sync_every, placement=placement, rank=ctx.rank,
                       world_size=ctx.world_size, weighted=weighted, compression=compression)
-    records, losses = [], []
+    records, losses, snapshots = [], [], []
     for step in range(steps):
         loss = model.loss(batch_for(ctx.rank, step, seed))
         loss.backward()
@@ -72,5 +73,6 @@ def train_worker(ctx, placement, method: str, steps: int, sync_every: int, weigh
         rec = mgr.step()
         if rec is not None:
             records.append(rec)
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, records, mgr.expected_traffic, losses, (mgr.bytes_sent, mgr.bytes_recv)
+    return state, records, mgr.expected_traffic, losses, (mgr.bytes_sent, mgr.bytes_recv), snapshots

@@ -1,0 +1,200 @@
+"""Ring schedule, codecs and transports: the sparse expert all-reduce against a dense reference
+(every worker contributes a full-size buffer, zeros where it holds nothing, divided by the
+holder counts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fomoe import comm, launch
+from fomoe.placement import Placement
+from fomoe.sync import ParamLayout, build_schedule
+
+# ---- the plan, executed in one process --------------------------------------------------------
+
+
+def _run_plan_locally(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Executes ring_plan for every member in lock-step, passing messages by hand."""
+    n, numel = len(inputs), inputs[0].numel()
+    bufs = [x.clone() for x in inputs]
+    plans = [comm.ring_plan(numel, n, p) for p in range(n)]
+    for phase in ("reduce_steps", "gather_steps"):
+        for s in range(n - 1):
+            msgs = []
+            for p in range(n):
+                send_c = getattr(plans[p], phase)[s][0]
+                start, length = plans[p].chunks[send_c]
+                msgs.append((plans[p].next_position, send_c, bufs[p][start:start + length].clone()))
+            for dst, chunk, data in msgs:
+                recv_c = getattr(plans[dst], phase)[s][1]
+                assert recv_c == chunk, "sender and receiver disagree on the chunk"
+                start, length = plans[dst].chunks[recv_c]
+                if phase == "reduce_steps":
+                    bufs[dst][start:start + length] += data
+                else:
+                    bufs[dst][start:start + length] = data
+    return bufs
+
+
+@pytest.mark.parametrize("n,numel", [(1, 5), (2, 8), (3, 10), (4, 3), (5, 17), (7, 100)])
+def test_ring_plan_sums_exactly_and_counts_what_it_sends(n, numel, gen):
+    inputs = [torch.randint(-64, 64, (numel,), generator=gen).float() / 8 for _ in range(n)]
+    out = _run_plan_locally(inputs)
+    want = sum(inputs)
+    for b in out:
+        assert torch.equal(b, want)
+    total_sent = sum(comm.ring_allreduce_bytes(numel, 4, n, p)[0] for p in range(n))
+    total_recv = sum(comm.ring_allreduce_bytes(numel, 4, n, p)[1] for p in range(n))
+    assert total_sent == total_recv == 2 * (n - 1) * numel * 4
+    if numel % n == 0:
+        assert all(comm.ring_allreduce_bytes(numel, 4, n, p) == (2 * (n - 1) * numel * 4 // n,) * 2
+                   for p in range(n))
+
+
+def test_plans_reject_bad_positions():
+    with pytest.raises(ValueError, match="position 3 out of range for a group of 3"):
+        comm.ring_plan(10, 3, 3)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        comm.sum_bytes(10, 2, 0, "fp8")
+
+
+# ---- codecs ---------------------------------------------------------------------------------------
+
+def test_int8_codec_error_is_half_a_step_per_block(gen):
+    n = 3 * comm.INT8_BLOCK + 17
+    x = torch.randn(n, generator=gen) * torch.linspace(0.01, 10, n)
+    x[:comm.INT8_BLOCK] = 0.0                                   # an all-zero block decodes to zeros
+    payload = comm.int8_encode(x)
+    assert payload.dtype == torch.uint8 and payload.numel() == comm.int8_payload_bytes(n)
+    y = comm.int8_decode(payload, n)
+    assert torch.equal(y[:comm.INT8_BLOCK], x[:comm.INT8_BLOCK])
+    for b in range(0, n, comm.INT8_BLOCK):
+        blk = x[b:b + comm.INT8_BLOCK]
+        step = blk.abs().max() / 127
+        assert (y[b:b + comm.INT8_BLOCK] - blk).abs().max() <= step / 2 * (1 + 1e-5) + 1e-12
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8"])
+def test_error_feedback_removes_the_bias(compression, gen):
+    x = torch.randn(1000, generator=gen) * 0.01
+    residual, sent = None, torch.zeros_like(x)
+    rounds = 64
+    for _ in range(rounds):
+        buf = x.clone()
+        residual = comm.error_feedback_(buf, residual, compression)
+        sent += comm.compress_roundtrip(buf, compression)
+    biased = (comm.compress_roundtrip(x, compression) - x).abs().max()
+    fed_back = (sent / rounds - x).abs().max()
+    assert biased > 0
+    # What was sent over the rounds equals rounds * x up to the last residual.
+    assert torch.allclose(sent + residual, rounds * x, atol=1e-6)
+    assert fed_back < biased / 8
+
+
+# ---- transports in real processes ------------------------------------------------------------------
+
+PLACEMENT = Placement.explicit([[[0, 1, 2, 3], [0, 2], [1, 3], [0, 1, 2], [3], [1, 2, 3], [0, 2]],
+                                [[1, 2], [0], [0, 1, 2, 3], [2, 3], [0, 1, 3], [1], [2, 3]]])
+LAYOUT = ParamLayout(dense_numel=1003, expert_numel=((5, 130, 77, 1, 64, 33, 9), (12, 40, 7, 300, 11, 6, 2)))
+
+
+def _contribution(kind: str, rank: int, layer: int, expert: int, numel: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1 + 1000 * rank + 100 * layer + expert + (7 if kind == "random" else 0))
+    if kind == "dyadic":   # small multiples of 1/8: every fp32 sum is exact, in any order
+        return torch.randint(-512, 512, (numel,), generator=g).float() / 8
+    return torch.randn(numel, generator=g)
+
+
+def _dense_contribution(kind: str, rank: int) -> torch.Tensor:
+    return _contribution(kind, rank, 99, 0, LAYOUT.dense_numel)
+
+
+def _transport_worker(ctx):
+    buckets = build_schedule(LAYOUT, PLACEMENT, "fomoe")
+    transport = comm.GlooTransport()
+    out = {}
+    for kind, compression in (("dyadic", None), ("random", None), ("random", "bf16"), ("random", "int8")):
+        avg, traffic = {}, []
+        for b in buckets:
+            if ctx.rank not in b.ranks:
+                continue
+            parts = ([_dense_contribution(kind, ctx.rank)] if b.dense_numel else []) + [
+                _contribution(kind, ctx.rank, l, e, LAYOUT.expert_numel[l][e]) for l, e in b.experts]
+            buf = torch.cat(parts)
+            moved = transport.sum_(buf, b.ranks, compression)
+            traffic.append((moved, comm.sum_bytes(b.numel, len(b.ranks), b.ranks.index(ctx.rank), compression)))
+            buf /= len(b.ranks)
+            offset = 0
+            if b.dense_numel:
+                avg["dense"] = buf[:b.dense_numel].clone()
+                offset = b.dense_numel
+            for l, e in b.experts:
+                n = LAYOUT.expert_numel[l][e]
+                avg[(l, e)] = buf[offset:offset + n].clone()
+                offset += n
+        out[(kind, compression)] = (avg, traffic)
+    return out
+
+
+@pytest.fixture(scope="module")
+def transport_results():
+    return launch.spawn(_transport_worker, 4, backend="gloo", timeout_s=180)
+
+
+def _dense_reference(kind: str) -> dict:
+    """All workers all-reduce full-size buffers (zeros where they hold nothing), / holder counts."""
+    ref = {"dense": sum(_dense_contribution(kind, r) for r in range(4)) / 4}
+    for l in range(LAYOUT.num_layers):
+        for e in range(LAYOUT.num_experts):
+            n = LAYOUT.expert_numel[l][e]
+            total = torch.zeros(n)
+            for r in range(4):
+                total += _contribution(kind, r, l, e, n) if r in PLACEMENT.holders(l, e) else torch.zeros(n)
+            ref[(l, e)] = total / len(PLACEMENT.holders(l, e))
+    return ref
+
+
+def test_sparse_allreduce_equals_dense_reference_exactly_in_fp32(transport_results):
+    ref = _dense_reference("dyadic")
+    for rank, res in enumerate(transport_results):
+        avg, _ = res[("dyadic", None)]
+        expect_keys = {"dense"} | {(l, e) for l in range(2) for e in range(7) if rank in PLACEMENT.holders(l, e)}
+        assert set(avg) == expect_keys
+        for key, value in avg.items():
+            assert torch.equal(value, ref[key]), (rank, key)
+
+
+@pytest.mark.parametrize("compression,tol", [(None, 1e-6), ("bf16", 2e-2), ("int8", 4e-2)])
+def test_random_inputs_identical_on_all_holders_and_close_to_reference(transport_results, compression, tol):
+    ref = _dense_reference("random")
+    seen = {}
+    for res in transport_results:
+        avg, traffic = res[("random", compression)]
+        for key, value in avg.items():
+            if key in seen:
+                assert torch.equal(value, seen[key]), f"holders disagree on {key}"
+            seen[key] = value
+            torch.testing.assert_close(value, ref[key], rtol=tol, atol=tol)
+        for moved, formula in traffic:
+            assert moved == formula
+    assert len(seen) == 1 + 14
+
+
+def test_bytes_equal_the_schedule(transport_results):
+    buckets = build_schedule(LAYOUT, PLACEMENT, "fomoe")
+    for rank, res in enumerate(transport_results):
+        _, traffic = res[("dyadic", None)]
+        moved = tuple(sum(t[0][i] for t in traffic) for i in range(2))
+        assert moved == tuple(sum(b.traffic(rank)[i] for b in buckets) for i in range(2))
+        assert moved[0] > 0
+
+
+def test_transport_checks_its_inputs():
+    t = comm.LoopbackTransport()
+    with pytest.raises(ValueError, match="rank 0 is not a member"):
+        t.sum_(torch.zeros(3), (1, 2))
+    with pytest.raises(ValueError, match="contiguous 1-D fp32"):
+        t.sum_(torch.zeros(3, dtype=torch.float64), (0,))
+    buf = torch.arange(4.0)
+    assert t.sum_(buf, (0,)) == (0, 0) and torch.equal(buf, torch.arange(4.0))
