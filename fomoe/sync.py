@@ -35,6 +35,7 @@ from .layer import MoE
 from .placement import Placement
 
 METHODS = ("fomoe", "diloco", "ddp")
+HISTORY_IN_STATE = 1000   # sync records kept in state_dict (checkpoints); the full history stays in memory
 
 
 # ---- the schedule ----------------------------------------------------------------------------
@@ -528,10 +529,13 @@ class SyncManager:
         return [(names[id(m)] + "." if names[id(m)] else "", m) for m in self.moes]
 
     def state_dict(self) -> dict:
-        """Counters, θ_global, outer optimizer momenta (by parameter key) and error-feedback residuals."""
+        """Counters, θ_global, outer optimizer momenta (by parameter key), error-feedback residuals,
+        the current round's token counts and the last records of ``history``."""
         state: dict = {"method": self.method, "inner_step": self.inner_step, "round": self.round,
                        "bytes_sent": self.bytes_sent, "bytes_recv": self.bytes_recv, "config": self.config_summary(),
-                       "history": list(self.history)}
+                       "history": list(self.history[-HISTORY_IN_STATE:]),
+                       # Token counts of the round in progress (they weight the next sync).
+                       "tokens_routed": [m.tokens_routed.detach().clone().cpu() for m in self.moes]}
         if self.method != "ddp":
             state["theta_global"] = {k: v.detach().clone().cpu() for k, v in self.global_state().items()}
             momenta = {}
@@ -567,6 +571,11 @@ class SyncManager:
         self.inner_step, self.round = int(state["inner_step"]), int(state["round"])
         self.bytes_sent, self.bytes_recv = int(state["bytes_sent"]), int(state["bytes_recv"])
         self.history = list(state.get("history", []))
+        counts = state.get("tokens_routed", [])
+        if len(counts) != len(self.moes):
+            raise ValueError(f"sync state has token counts of {len(counts)} MoE layers, the model has {len(self.moes)}")
+        for m, c in zip(self.moes, counts):
+            m.tokens_routed.copy_(c)
         if self.method == "ddp":
             return
         with torch.no_grad():

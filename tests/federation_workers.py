@@ -76,3 +76,41 @@ def train_worker(ctx, placement, method: str, steps: int, sync_every: int, weigh
             snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return state, records, mgr.expected_traffic, losses, (mgr.bytes_sent, mgr.bytes_recv), snapshots
+
+
+def checkpointed_run(ctx, run_dir: str, placement, steps: int, save_at=(), resume: bool = False,
+                     kill_after: int | None = None, sync_every: int = 2, **sync_kwargs):
+    """Train to ``steps`` with checkpoints after the steps in ``save_at`` (optionally resuming
+    first, optionally SIGKILLing every worker right after saving step ``kill_after``).
+    Returns ({step: loss}, final state_dict, θ_global, resumed-from step)."""
+    import os
+    import signal
+
+    from fomoe import checkpoint
+    from fomoe.sync import SyncManager
+    model = make_model(placement, ctx.rank)
+    opt = inner_optimizer(model)
+    mgr = SyncManager(model, opt, method="fomoe" if placement is not None else "diloco", sync_every=sync_every,
+                      placement=placement, rank=ctx.rank, world_size=ctx.world_size, **sync_kwargs)
+    config = {"test": "checkpointed_run", "steps": steps}
+    start = 0
+    if resume:
+        info = checkpoint.load(run_dir, model=model, sync_manager=mgr, inner_optimizer=opt, rank=ctx.rank,
+                               world_size=ctx.world_size, config=config)
+        start = info["step"]
+        assert info["extra_state"]["next_step"] == start
+        assert info["extra_state"]["marker"] == {"rank": ctx.rank, "tuple": (1, 2.5, None)}
+    losses = {}
+    for step in range(start, steps):
+        loss = model.loss(batch_for(ctx.rank, step))
+        loss.backward()
+        mgr.step()
+        losses[step] = loss.item()
+        if step + 1 in save_at:
+            checkpoint.save(run_dir, step + 1, model=model, sync_manager=mgr, inner_optimizer=opt,
+                            extra_state={"next_step": step + 1, "marker": {"rank": ctx.rank, "tuple": (1, 2.5, None)}},
+                            config=config, rank=ctx.rank, world_size=ctx.world_size)
+        if kill_after == step + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    theta = {k: v.clone() for k, v in mgr.global_state().items()}
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}, theta, start
