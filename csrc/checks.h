@@ -103,6 +103,19 @@ inline void check_combine(const at::Tensor& rows, const at::Tensor& permutation,
   if (gate) check_gate("combine", *gate, inverse, rows);
 }
 
+inline void check_combine_gate_grad(const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& inverse) {
+  TORCH_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && inverse.dim() == 2 && grad_out.size(0) == inverse.size(0) &&
+                  grad_out.size(1) == rows.size(1),
+              "fomoe.combine_gate_grad: want grad_out [T, d], rows [N, d], inverse [T, k]; got ", grad_out.sizes(), ", ",
+              rows.sizes(), ", ", inverse.sizes());
+  TORCH_CHECK(inverse.scalar_type() == at::kInt, "fomoe.combine_gate_grad: inverse must be int32");
+  TORCH_CHECK(is_float_dtype(rows.scalar_type()) && is_float_dtype(grad_out.scalar_type()),
+              "fomoe.combine_gate_grad: grad_out and rows must be floating, got ", grad_out.scalar_type(), " and ",
+              rows.scalar_type());
+  check_same_device("combine_gate_grad", rows, grad_out, "grad_out");
+  check_same_device("combine_gate_grad", rows, inverse, "inverse");
+}
+
 inline void check_offsets(const char* op, const at::Tensor& offsets, int64_t num_groups, const at::Tensor& ref) {
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == num_groups + 1, "fomoe.", op,
               ": offsets must be 1-D [num_experts+1=", num_groups + 1, "] (as returned by fomoe.dispatch), got shape ",
