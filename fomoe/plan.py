@@ -12,8 +12,10 @@ One home per concept:
   builds the counts equal ``fomoe.lm.LMConfig`` and the parameters of a built model exactly.
 - **bytes**: never re-derived here. The sync schedule is ``fomoe.sync.build_schedule`` applied to
   an analytic ``ParamLayout`` and a ``fomoe.placement.Placement``; the bytes are
-  ``fomoe.sync.schedule_traffic`` (ring all-reduce accounting of ``fomoe.comm``). The training
-  runtime executes exactly those buckets, so prediction and measurement agree to the byte.
+  ``fomoe.sync.Bucket.traffic`` (ring accounting of ``fomoe.comm``). The training runtime
+  executes exactly those buckets, so prediction and measurement agree to the byte. (Full
+  replicas sync everything in one all-worker bucket; their schedule is built from a one-block
+  layout, which gives the same buckets without a layers x experts x W holder map.)
 - **memory** (``worker_memory``): parameters, gradients and AdamW state as the runtime allocates
   them (fp32 master weights by default), the sync manager's θ_global, its gradient buffer and
   the outer Nesterov momentum, error-feedback residuals of compressed buckets, and estimates of
@@ -36,7 +38,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -330,7 +332,8 @@ class Federation:
 
     def describe(self) -> str:
         wire = self.compression or "fp32"
-        return (f"W={self.workers} workers, fomoe placement {self.placement}, H={self.sync_every}, {wire} pseudo-gradients"
+        return (f"W={self.workers} workers, fomoe placement {self.placement}, H={self.sync_every}, "
+                f"{wire} pseudo-gradients"
                 f"{', token-weighted experts' if self.weighted else ''}")
 
 
@@ -376,7 +379,8 @@ class Hardware:
                 else f"{self.tflops:g} TFLOP/s achieved per GPU")
         gpus = f"{self.gpus_per_worker} x " if self.gpus_per_worker > 1 else ""
         return (f"{gpus}{self.gpu_memory_gib:g} GiB GPU per worker, {rate}, "
-                f"{'fp32' if self.param_bytes == 4 else 'bf16'} weights{' + bf16 autocast' if self.autocast_bf16 else ''}"
+                f"{'fp32' if self.param_bytes == 4 else 'bf16'} weights"
+                f"{' + bf16 autocast' if self.autocast_bf16 else ''}"
                 f", θ_global on {self.global_on}{', activation recompute' if self.recompute else ''}")
 
 
@@ -705,7 +709,8 @@ class Plan:
 
     def __init__(self, shape: ModelShape, federation: Federation = Federation(), hardware: Hardware = Hardware(),
                  link: Link = Link(), training: Training = Training(), name: str = "custom") -> None:
-        self.shape, self.federation, self.hardware, self.link, self.training = shape, federation, hardware, link, training
+        self.shape, self.federation, self.hardware = shape, federation, hardware
+        self.link, self.training = link, training
         self.name = name
         self._cache: dict = {}
 
@@ -874,6 +879,7 @@ class Plan:
         return {
             "params_held_max": max(held),
             "params_held_min": min(held),
+            "dense_params_held": self.shape.dense_params(),
             "expert_params_held_max": max(held) - self.shape.dense_params(),
             "bytes_sent_per_worker_per_sync": worst.sent,
             "bytes_recv_per_worker_per_sync": worst.recv,
@@ -1156,7 +1162,7 @@ def _fmt_bytes(n: float | None) -> str:
         if abs(n) >= div:
             v = n / div
             return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
-    return f"{n:.0f} B"
+    return f"{n:.3g} B"
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -1164,7 +1170,8 @@ def _fmt_seconds(s: float | None) -> str:
         return "-"
     if math.isinf(s):
         return "never"
-    for unit, div in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+    for unit, div in (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("min", 60), ("s", 1), ("ms", 1e-3),
+                      ("µs", 1e-6)):
         if s >= div:
             return f"{s / div:.3g} {unit}"
     return f"{s:.2g} s"
@@ -1203,7 +1210,7 @@ def format_table(d: dict, plan: Plan) -> str:
         x = d["methods"][m]
         rows.append([m, _fmt_count(x["params_held_max"]), _fmt_bytes(x["memory_per_gpu_bytes"]),
                      "yes" if x["fits"] else "NO", _fmt_bytes(x["bytes_sent_per_worker_per_sync"]),
-                     _fmt_bytes(x["bytes_sent_per_worker_per_round"]), f"{x['bytes_sent_per_token']:.3g} B",
+                     _fmt_bytes(x["bytes_sent_per_worker_per_round"]), _fmt_bytes(x["bytes_sent_per_token"]),
                      _fmt_seconds(x["step_seconds"]), _fmt_seconds(x["exposed_comm_seconds_per_round"]),
                      _fmt_seconds(x["round_seconds"]), _fmt_seconds(x["seconds_to_budget"])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -1236,7 +1243,8 @@ def format_table(d: dict, plan: Plan) -> str:
     at = pl["largest_r_at_workers"]
     lines.append(f"  at W={pl['at_workers']}: " + (
         f"r up to {at['r']} fits (diloco sends {_fmt_ratio(at['comm_savings_vs_diloco'])} the bytes)"
-        if at else "no replication fits") + f"; diloco (full replicas) {'fits' if pl['diloco_fits'] else 'does not fit'}")
+        if at else "no replication fits")
+        + f"; diloco (full replicas) {'fits' if pl['diloco_fits'] else 'does not fit'}")
     return "\n".join(lines)
 
 
@@ -1328,7 +1336,8 @@ def write_plots(plan: Plan, out_dir: str | Path, r_values: Sequence[int] = (1, 2
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Add ``plan`` to a CLI's subparsers; the parsed args run with ``args.func(args)``."""
     p = subparsers.add_parser("plan", help="memory, bytes and wall-clock projections per worker",
-                              description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\n\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
     return p
