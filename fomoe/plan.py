@@ -536,6 +536,7 @@ class Memory:
     optimizer_temp: int
     sync_buffer: int
     global_on_gpu: bool
+    method: str
     gpus: int = 1
 
     @property
@@ -558,14 +559,9 @@ class Memory:
             "forward_backward": base + self.activations + self.autocast_copies
             + max(self.logits, self.backward_transient),
             # every gradient alive, then the optimizer's temporaries (ddp: its all-reduce buffer)
-            "optimizer_step": base + self.grads + max(self.optimizer_temp, sync_gpu if self.grads_synced else 0),
-            "outer_sync": base + (0 if self.grads_synced else sync_gpu),
+            "optimizer_step": base + self.grads + max(self.optimizer_temp, sync_gpu if self.method == "ddp" else 0),
+            "outer_sync": base + (0 if self.method == "ddp" else sync_gpu),
         }
-
-    @property
-    def grads_synced(self) -> bool:
-        """ddp: the sync buffer belongs to the step (no θ_global)."""
-        return self.theta_global == 0
 
     @property
     def peak(self) -> int:
@@ -615,6 +611,7 @@ def worker_memory(shape: ModelShape, method: str, local_experts: int, footprint:
                   hardware: Hardware, training: Training) -> Memory:
     """Memory of a worker holding ``local_experts`` routed experts (over all layers) under
     ``method``, whose sync schedule leaves ``footprint``."""
+    _check_method(method)
     pb = hardware.param_bytes
     held = shape.dense_params() + local_experts * shape.expert_numel()
     weights = grads = held * pb
@@ -645,7 +642,7 @@ def worker_memory(shape: ModelShape, method: str, local_experts: int, footprint:
                   activations=acts, autocast_copies=copies, logits=gpus * logits_bytes(shape, tokens),
                   backward_transient=transient,
                   optimizer_temp=held * pb, sync_buffer=sync_buffer, global_on_gpu=hardware.global_on == "gpu",
-                  gpus=gpus)
+                  method=method, gpus=gpus)
 
 
 # ---- communication ----------------------------------------------------------------------------
