@@ -6,10 +6,11 @@ object per line; ``kind`` is ``train``, ``sync``, ``eval`` or ``final``) and ``s
 runs) and writes ``report.md``, ``report.json`` and the plots into a directory.
 
 Modelled wall-clock under a WAN: every worker computes for its measured compute time per step,
-and each sync adds ``bytes_sent / bandwidth + latency * latency_hops`` (ring all-reduce: the
-collective's 2(n-1) sequential steps, taken as 2(W-1) per sync for every method: a latency bound
-for the dense all-reduce, which every method runs over all W workers). Communication is not
-overlapped with compute. The figures are a model of a WAN, not a measurement of one.
+and its communication adds ``bytes_sent / bandwidth + latency * hops``, where ``hops`` counts the
+sequential messages of its collectives (a ring all-reduce among n workers takes 2(n-1) steps;
+ddp pays them every step, diloco and fomoe once per sync, fomoe once per holder group).
+Communication is not overlapped with compute. The figures are a model of a WAN (bandwidth per
+worker, one-way latency per message), not a measurement of one.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class WAN:
         if not self.latency_ms >= 0:
             raise ValueError(f"WAN latency must be >= 0, got {self.latency_ms} ms")
 
-    def sync_seconds(self, bytes_sent: float, workers: int) -> float:
-        hops = 2 * (workers - 1)
+    def seconds(self, bytes_sent: float, hops: int) -> float:
+        """Time to send ``bytes_sent`` in ``hops`` sequential messages."""
         return bytes_sent * 8 / (self.bandwidth_mbps * 1e6) + hops * self.latency_ms / 1e3
 
 
@@ -76,10 +77,12 @@ class Run:
     def modelled_seconds(self, wan: WAN) -> list[tuple[int, float]]:
         """(step, modelled wall-clock seconds at that step) at every sync line (and step 0)."""
         per_step = self.compute_seconds_per_step()
-        points, comm, last_bytes = [(0, 0.0)], 0.0, 0.0
+        points, last_bytes, last_hops = [(0, 0.0)], 0.0, 0
+        comm = 0.0
         for s in self.syncs:
-            comm += wan.sync_seconds(s["bytes_sent"] - last_bytes, self.workers)
-            last_bytes = s["bytes_sent"]
+            hops = s.get("comm_hops", last_hops + 2 * (self.workers - 1))
+            comm += wan.seconds(s["bytes_sent"] - last_bytes, hops - last_hops)
+            last_bytes, last_hops = s["bytes_sent"], hops
             points.append((s["step"], s["step"] * per_step + comm))
         return points
 
@@ -330,7 +333,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, wan: WAN |
     lines = [f"# {title}", ""]
     if cfg:
         t, m = cfg.get("train", {}), cfg.get("model", {})
-        lines += [f"Model: preset `{t.get('preset')}` ({cfg.get('params_total', 0) / 1e6:.2f}M parameters, "
+        overrides = "".join(f", {k}={v}" for k, v in (t.get("model") or {}).items())
+        lines += [f"Model: preset `{t.get('preset')}`{overrides} ({cfg.get('params_total', 0) / 1e6:.2f}M parameters, "
                   f"{m.get('num_experts')} experts top-{m.get('top_k')} per layer, {m.get('n_layers')} layers, "
                   f"expert share {cfg.get('expert_share', 0):.1%}); {t.get('workers')} workers, "
                   f"H = {t.get('sync_every')}, {t.get('steps')} steps of {t.get('batch_size')}x{t.get('seq_len')} "
@@ -340,8 +344,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, wan: WAN |
               f"Bytes are counted by the sync manager per worker (mean over workers) for the whole run. "
               f"\"vs diloco\"/\"vs ddp\": how many times fewer bytes than that baseline. Eval loss is the "
               f"consolidated full model on the held-out split; \"@ equal tokens\" at {data['equal_tokens']} tokens. "
-              f"Modelled time: measured compute per step plus, per sync, bytes / {wan.bandwidth_mbps:g} Mbit/s + "
-              f"2(W-1) x {wan.latency_ms:g} ms (no overlap).", ""]
+              f"Modelled time: measured compute per step plus bytes / {wan.bandwidth_mbps:g} Mbit/s plus "
+              f"{wan.latency_ms:g} ms per sequential message (a ring all-reduce among n workers: 2(n-1)), "
+              f"no overlap.", ""]
     rs = [(n, s) for n, s in data["routing"].items() if s]
     if rs:
         lines += ["| run | syncs | min expert load / fair share | expert-syncs under 10% | longest streak under 10% |"

@@ -412,7 +412,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
 
     start_step, prior = 0, {}
     if resume:
-        start_step, prior = _restore(run_dir, model, manager, inner, data, monitor, rank, world)
+        start_step, prior = _restore(run_dir, model, manager, inner, data, monitor, cfg, rank, world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -426,6 +426,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
         bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.label or cfg.method} x{world}", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
     compute_s = float(prior.get("compute_s", 0.0))
+    comm_hops = int(prior.get("comm_hops", 0))
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
     last_loss, last_tps = float("nan"), 0.0
     loop_start = time.perf_counter()
@@ -447,6 +448,8 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
         t2 = time.perf_counter()
         comm_s = record["seconds"] if record else 0.0
         compute_s += (t1 - t0) + max(0.0, (t2 - t1) - comm_s)
+        if record:  # sequential ring steps of this worker's collectives: what a WAN's latency multiplies
+            comm_hops += sum(2 * (len(c["ranks"]) - 1) for c in record["collectives"] if c["sent"])
         window["loss"] += float(ce.detach())
         window["aux"] += float(aux.detach())
         window["n"] += 1
@@ -463,7 +466,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
             last_tps = tokens_per_step * (done - window["step0"]) / max(now - window["t0"], 1e-9)
             base = {"step": done, "tokens": done * tokens_per_step, "loss": last_loss, "tokens_per_s": last_tps,
                     "bytes_sent": float(packed[3]) / world, "bytes_recv": float(packed[4]) / world,
-                    "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0))}
+                    "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0)), "comm_hops": comm_hops}
             if rank == 0:
                 log.write({"kind": "train", **base, "aux_loss": float(packed[1] / packed[2])})
                 if bar is not None:
@@ -474,9 +477,6 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
                 routing = monitor.round_metrics()
                 if rank == 0:
                     entry = {"kind": "sync", **base, "round": -(-done // cfg.sync_every), **routing}
-                    if record is not None:
-                        entry["round_bytes_sent"] = record["bytes_sent"]
-                        entry["latency_hops"] = sum(2 * (len(c["ranks"]) - 1) for c in record["collectives"])
                     log.write(entry)
             if is_round and (done % cfg.eval_every == 0 or done == cfg.steps):
                 state = consolidated_state(model, placement, rank) if not placement.is_full() else None
@@ -489,7 +489,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
                         bar.write(f"step {done}: eval loss {eval_loss:.4f} (train {last_loss:.4f})")
             if is_round and (done % cfg.ckpt_every == 0 or done in (cfg.steps, cfg.stop_at)):
                 _save(run_dir, done, model, manager, inner, data, monitor, cfg, rank, world,
-                      {"compute_s": compute_s, "elapsed_s": base["time"]})
+                      {"compute_s": compute_s, "elapsed_s": base["time"], "comm_hops": comm_hops})
         if bar is not None:
             bar.update(1)
         if done == cfg.stop_at:
@@ -535,19 +535,23 @@ def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: LMConfig, placemen
     tmp.replace(run_dir / "config.json")
 
 
+def _checkpoint_config(cfg: TrainConfig) -> dict:
+    # What a checkpoint must have been written with to be resumed by this run.
+    return {"train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_FIELDS}}
+
+
 def _save(run_dir, step, model, manager, inner, data, monitor, cfg, rank, world, counters) -> None:
     from . import checkpoint
     extra = {"data": data.train.state_dict(), "counters": counters,
              "router_at_last_sync": [w.cpu() for w in monitor.prev_router]}
     checkpoint.save(run_dir, step, model=model, sync_manager=manager, inner_optimizer=inner, extra_state=extra,
-                    config={"train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_FIELDS}},
-                    rank=rank, world_size=world)
+                    config=_checkpoint_config(cfg), rank=rank, world_size=world)
 
 
-def _restore(run_dir, model, manager, inner, data, monitor, rank, world) -> tuple[int, dict]:
+def _restore(run_dir, model, manager, inner, data, monitor, cfg, rank, world) -> tuple[int, dict]:
     from . import checkpoint
     loaded = checkpoint.load(run_dir, model=model, sync_manager=manager, inner_optimizer=inner, rank=rank,
-                             world_size=world)
+                             world_size=world, config=_checkpoint_config(cfg))
     step, extra = loaded["step"], loaded["extra_state"]
     data.train.load_state_dict(extra["data"])
     monitor.prev_router = [w.to(monitor.load.device) for w in extra["router_at_last_sync"]]

@@ -40,11 +40,11 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
-def write_run(path: Path, method: str, workers: int, compute: float, syncs: list[tuple[int, float]],
+def write_run(path: Path, method: str, workers: int, compute: float, syncs: list[tuple[int, float, int]],
               evals: list[tuple[int, float]]) -> Path:
     path.mkdir(parents=True)
     lines = [{"kind": "sync", "step": s, "tokens": s * 100, "loss": 1.0, "tokens_per_s": 1.0, "bytes_sent": b,
-              "bytes_recv": b} for s, b in syncs]
+              "bytes_recv": b, "comm_hops": h} for s, b, h in syncs]
     lines += [{"kind": "eval", "step": s, "tokens": s * 100, "loss": 1.0, "tokens_per_s": 1.0, "eval_loss": e,
                "bytes_sent": 0, "bytes_recv": 0} for s, e in evals]
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
@@ -55,16 +55,16 @@ def write_run(path: Path, method: str, workers: int, compute: float, syncs: list
 
 
 def test_wan_model_and_time_to_target(tmp_path):
-    wan = WAN(bandwidth_mbps=8.0, latency_ms=100.0)   # 1 MB/s; 2(W-1) = 6 latency hops for W = 4
-    assert wan.sync_seconds(2_000_000, 4) == pytest.approx(2.0 + 0.6)
-    run = Run(write_run(tmp_path / "a", "fomoe", 4, compute=0.5, syncs=[(10, 1e6), (20, 3e6)],
+    wan = WAN(bandwidth_mbps=8.0, latency_ms=100.0)   # 1 MB/s, 0.1 s per sequential message
+    assert wan.seconds(2_000_000, 6) == pytest.approx(2.0 + 0.6)
+    run = Run(write_run(tmp_path / "a", "fomoe", 4, compute=0.5, syncs=[(10, 1e6, 6), (20, 3e6, 12)],
                         evals=[(10, 3.0), (20, 2.0)]))
     # step 10: 10 x 0.5 s compute + (1 MB -> 1 s + 0.6 s); step 20: + 5 s + (2 MB -> 2 s + 0.6 s).
     assert run.modelled_seconds(wan) == [(0, 0.0), (10, pytest.approx(6.6)), (20, pytest.approx(14.2))]
     assert run.step_reaching(2.5) == pytest.approx(15.0)       # interpolated between the evals
     assert run.seconds_at_step(15.0, wan) == pytest.approx(10.4)
     assert run.step_reaching(1.0) is None
-    other = Run(write_run(tmp_path / "b", "diloco", 4, compute=0.5, syncs=[(10, 2e6), (20, 6e6)],
+    other = Run(write_run(tmp_path / "b", "diloco", 4, compute=0.5, syncs=[(10, 2e6, 6), (20, 6e6, 12)],
                           evals=[(10, 3.0), (20, 2.5)]))
     table, data = compare_table([other, run], wan)
     assert data["target_loss"] == 2.5          # the worse method's best loss

@@ -1,0 +1,140 @@
+"""`fomoe train` end to end on real worker processes (gloo), and the driver's pieces."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fomoe.cli import main
+from fomoe.lm import LMConfig, MoELM
+from fomoe.train import RoutingMonitor, TrainConfig, learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small model and short sequences: a run of 20 steps on 2 workers takes seconds.
+SMALL = ["--d-model", "32", "--layers", "2", "--heads", "2", "--experts", "4", "--top-k", "2", "--d-ff", "64",
+         "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--lr", "0.005", "--warmup-steps", "2",
+         "--no-progress"]
+REQUIRED = ("step", "tokens", "loss", "tokens_per_s", "bytes_sent", "bytes_recv")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def trajectory(lines: list[dict]) -> list[tuple]:
+    """What must not change when a run is interrupted and resumed (timings aside)."""
+    keep = ("loss", "eval_loss", "bytes_sent", "bytes_recv", "expert_load", "router_drift", "aux_loss")
+    return [(m["kind"], m["step"], tuple((k, json.dumps(m.get(k))) for k in keep)) for m in lines]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    rc = main(["train", "--workers", "2", "--placement", "partition", "--steps", "20", "--sync-every", "5",
+               "--eval-every", "5", "--ckpt-every", "5", "--out", str(out), *SMALL])
+    assert rc == 0
+    return out
+
+
+def test_train_end_to_end(straight_run):
+    lines = read_metrics(straight_run)
+    for m in lines:
+        assert all(k in m for k in REQUIRED), m
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [5, 10, 15, 20]
+    # Loss falls: well under the uniform-guess loss, and lower at the end than after one round.
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
+    assert evals[-1]["eval_loss"] < math.log(256) - 1.0
+    train = [m for m in lines if m["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    syncs = [m for m in lines if m["kind"] == "sync"]
+    assert len(syncs) == 4
+    for s in syncs:
+        assert 0 < s["load_entropy"] <= 1 and s["top1_kl"] >= 0 and s["router_drift"] > 0
+        assert 0.2 < s["skipped_fraction"] < 0.8   # each worker holds 2 of the 4 experts
+        assert all(abs(sum(row) - 1) < 1e-4 for row in s["expert_load"])
+    # Bytes: cumulative, equal to the schedule's prediction (rounds x bytes per sync).
+    summary = json.loads((straight_run / "summary.json").read_text())
+    per_sync = [w["expected_bytes_per_sync"][0] for w in summary["workers_detail"]]
+    assert syncs[-1]["bytes_sent"] == pytest.approx(4 * sum(per_sync) / 2)
+    assert syncs[0]["bytes_sent"] < syncs[-1]["bytes_sent"]
+    # The final line evaluates the exported model: it equals the consolidated model at step 20.
+    final = lines[-1]
+    assert final["kind"] == "final" and final["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert (straight_run / "model.safetensors").is_file()
+    assert (straight_run / "checkpoints").is_dir() and any((straight_run / "checkpoints").iterdir())
+    cfg = json.loads((straight_run / "config.json").read_text())
+    assert cfg["train"]["placement"] == "partition" and cfg["model"]["num_experts"] == 4
+
+
+def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
+    out = tmp_path / "resumed"
+    args = ["train", "--workers", "2", "--placement", "partition", "--steps", "20", "--sync-every", "5",
+            "--eval-every", "5", "--ckpt-every", "5", "--out", str(out), *SMALL]
+    assert main([*args, "--stop-at", "10"]) == 0
+    stopped = read_metrics(out)
+    assert max(m["step"] for m in stopped) == 10 and not any(m["kind"] == "final" for m in stopped)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert trajectory(read_metrics(out)) == trajectory(read_metrics(straight_run))
+
+
+def test_resume_refuses_changed_configuration(straight_run, capsys):
+    assert main(["train", "--out", str(straight_run), "--resume", "--lr", "0.1", "--no-progress"]) == 2
+    assert "--resume continues" in capsys.readouterr().err
+
+
+def test_routing_monitor_matches_router_statistics():
+    cfg = LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, num_experts=4, top_k=2, d_ff=8, max_seq_len=9)
+    model = MoELM(cfg, resident_fn=lambda layer: [0, 1], seed=3)
+    monitor = RoutingMonitor(model)
+    batches = [torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    loads, skipped, top1 = [], [], torch.zeros(2, 4)
+    for b in batches:
+        model.loss(b)
+        monitor.after_forward(b.shape[0] * (b.shape[1] - 1))
+        loads.append(torch.stack([m.stats.expert_load for m in model.moe_layers()]))
+        skipped.append(sum(float(m.stats.skipped_fraction) for m in model.moe_layers()) / 2)
+        with torch.no_grad():  # top-1 expert from the router logits, recomputed here
+            x = model.embed(b[:, :-1])
+            for l, block in enumerate(model.blocks):
+                x = x + block.attn(block.attn_norm(x), model.rope_cos[:8], model.rope_sin[:8])
+                h = block.ffn_norm(x)
+                top1[l] += torch.bincount((h @ block.moe.router.weight.T).argmax(-1).reshape(-1), minlength=4)
+                x = x + block.moe(h)
+    m = monitor.round_metrics()
+    share = sum(loads) / 2
+    torch.testing.assert_close(torch.tensor(m["expert_load"], dtype=torch.float32), share, atol=1e-5, rtol=0)
+    entropy = (-(share * share.clamp_min(1e-30).log()).sum(-1) / math.log(4)).mean()
+    assert m["load_entropy"] == pytest.approx(float(entropy), abs=1e-5)
+    assert m["skipped_fraction"] == pytest.approx(sum(skipped) / 2, abs=1e-6)
+    p = top1 / top1.sum(-1, keepdim=True)
+    kl = (p * (p.clamp_min(1e-30) * 4).log()).sum(-1).mean()
+    assert m["top1_kl"] == pytest.approx(float(kl), abs=1e-5)
+    assert m["router_drift"] == 0.0   # no step taken: the routers did not move
+    assert m["min_load_ratio"] == pytest.approx(float(share.min() * 4), abs=1e-5)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 60) == pytest.approx(0.55)
+    assert learning_rate(cfg, 110) == pytest.approx(0.1)
+
+
+def test_torchrun_runs_one_worker_per_process(tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fomoe", "train", "--steps", "10", "--sync-every", "5", "--out", str(out), "--threads", "1", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = read_metrics(out)
+    assert lines[-1]["kind"] == "final"
+    assert json.loads((out / "summary.json").read_text())["workers"] == 2
+    assert "final eval loss" in proc.stdout
