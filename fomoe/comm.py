@@ -30,7 +30,9 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,6 +83,16 @@ class RingPlan:
     @property
     def prev_position(self) -> int:
         return (self.position - 1) % self.group_size
+
+    def table(self) -> list[list[int]]:
+        """The plan as rows of element ranges, as the NCCL transport executes it: one row per
+        reduce-scatter step, one per all-gather step, (send start, send len, recv start,
+        recv len); a last row (owned start, owned len, 0, 0)."""
+        rows = []
+        for s, r in self.reduce_steps + self.gather_steps:
+            rows.append([*self.chunks[s], *self.chunks[r]])
+        rows.append([*self.chunks[self.owned_chunk], 0, 0])
+        return rows
 
     def elements(self) -> tuple[int, int]:
         """(sent, received) elements over the whole all-reduce."""
@@ -313,28 +325,118 @@ def default_transport(device: torch.device | str) -> Transport:
 
 
 class NcclTransport(Transport):
-    """Ring schedules over the extension's NCCL communicator (one per process, all ranks)."""
+    """Ring schedules over the extension's NCCL communicator (one per process, all ranks).
+
+    The communicator is bootstrapped from a unique id that rank 0 publishes in
+    torch.distributed's store. Reduce-scatter transfers are cut into slices of
+    ``slice_bytes`` (default 32 MiB, env FOMOE_NCCL_SLICE_MB) so the add of one slice overlaps
+    the transfer of the next. Calls are asynchronous on the current CUDA stream.
+    """
 
     name = "nccl"
     device_type = "cuda"
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        from . import nccl  # the extension's communicator; raises a clear error where unavailable
+    def __init__(self, device: torch.device | str | None = None, timeout_s: float | None = None,
+                 slice_bytes: int | None = None) -> None:
+        ops = nccl_ops()
+        if ops is None:
+            raise RuntimeError("this fomoe build has no NCCL transport (built without CUDA, or without the comm "
+                               "sources); keep θ_global on the CPU (global_device='cpu') to sync through gloo")
         if not dist.is_initialized():
-            raise RuntimeError("NcclTransport needs torch.distributed initialised (for its store)")
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+            raise RuntimeError("NcclTransport needs torch.distributed initialised (its store bootstraps NCCL)")
+        check_nccl_version()
+        from torch.distributed import distributed_c10d as c10d
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self.comm = nccl.Communicator.from_store(self.rank, self.world_size, self.device)
+        if self.device.type != "cuda" or self.device.index is None:
+            raise ValueError(f"NcclTransport needs a CUDA device with an index, got {self.device}")
+        if timeout_s is None:
+            timeout_s = _default_timeout_s()
+        mib = float(os.environ.get("FOMOE_NCCL_SLICE_MB", "32"))
+        self.slice_elems = max(1, int(slice_bytes if slice_bytes is not None else mib * (1 << 20)) // 4)
+        store = c10d._get_default_store()
+        _nccl_counter[0] += 1
+        key = f"fomoe/nccl-unique-id/{_nccl_counter[0]}"
+        if self.rank == 0:
+            uid = ops.nccl_unique_id()
+            store.set(key, bytes(uid.tolist()))
+        else:
+            uid = torch.tensor(list(store.get(key)), dtype=torch.uint8)
+        self._ops = ops
+        self.handle = ops.nccl_init(uid, self.rank, self.world_size, self.device.index, float(timeout_s))
 
     def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
-        self.comm.sendrecv(send.contiguous(), dst, recv, src)
+        self._ops.nccl_sendrecv(self.handle, send.contiguous(), dst, recv, src)
 
     def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
-        return self.comm.ring_allreduce(buf, ranks, plan, wire)
+        if buf.device != self.device:
+            raise ValueError(f"the NCCL transport's communicator is on {self.device}, the buffer on {buf.device}")
+        table = torch.tensor(plan.table(), dtype=torch.int64)
+        sent, recv = self._ops.nccl_ring_allreduce(self.handle, buf, table, ranks[plan.next_position],
+                                                   ranks[plan.prev_position], wire == torch.bfloat16,
+                                                   self.slice_elems)
+        return int(sent), int(recv)
 
     def barrier(self) -> None:
-        self.comm.barrier()
+        dist.barrier()
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            self._ops.nccl_destroy(self.handle)
+            self.handle = None
+
+
+_nccl_counter = [0]
+
+
+def _default_timeout_s() -> float:
+    # The process group's store carries the run's timeout (fomoe.launch sets it).
+    try:
+        from torch.distributed import distributed_c10d as c10d
+        return float(c10d._get_default_store().timeout.total_seconds())
+    except Exception:  # noqa: BLE001 (private API; fall back to a generous bound)
+        return 300.0
+
+
+def nccl_ops():
+    """torch.ops.fomoe_comm when this build has the NCCL transport, else None."""
+    try:
+        ops = torch.ops.fomoe_comm
+        ops.nccl_version  # noqa: B018 (raises if the ops are not registered)
+        return ops
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def nccl_versions() -> dict | None:
+    """NCCL versions as integer codes (e.g. 22809 for 2.28.9): the library loaded in this process,
+    the header the extension was compiled against, and the one torch reports; None without NCCL."""
+    ops = nccl_ops()
+    if ops is None:
+        return None
+    runtime, compiled = ops.nccl_version()
+    torch_code = None
+    try:
+        major, minor, patch = torch.cuda.nccl.version()[:3]
+        torch_code = major * 10000 + minor * 100 + patch if (major, minor) >= (2, 9) else major * 1000 + minor * 100 + patch
+    except Exception:  # noqa: BLE001 (torch without NCCL)
+        pass
+    return {"runtime": int(runtime), "compiled": int(compiled), "torch": torch_code}
+
+
+def check_nccl_version() -> dict | None:
+    """Raise if the NCCL loaded at run time is older than the header fomoe was built against;
+    warn if torch reports a different NCCL than the one fomoe's calls reach."""
+    v = nccl_versions()
+    if v is None:
+        return None
+    if v["runtime"] < v["compiled"]:
+        raise ImportError(f"fomoe was built against NCCL {v['compiled']} but NCCL {v['runtime']} is loaded; rebuild "
+                          f"fomoe against the NCCL that torch uses (pip install --no-build-isolation -e .)")
+    if v["torch"] is not None and v["torch"] != v["runtime"]:
+        warnings.warn(f"torch reports NCCL {v['torch']} but fomoe's NCCL calls reach NCCL {v['runtime']}: two NCCL "
+                      f"libraries are loaded; build fomoe against torch's (the nvidia-nccl wheel next to torch)")
+    return v
 
 
 # ---- small control-plane exchanges through the store ---------------------------------------------
@@ -395,3 +497,8 @@ def agree(tag: str, config: dict, what: str = "configuration", error: str | None
                          + ", ".join(f"{k}={ref.get(k)!r}" for k in diff))
     if lines:
         raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))
+
+
+# At import: an extension built against a newer NCCL than the one loaded would fail later, deep
+# inside a sync; say so now.
+check_nccl_version()

@@ -22,7 +22,6 @@ every worker holds). Inside a bucket: dense parameters in model order, then expe
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -195,10 +194,14 @@ class _Segment:
     numel: int
     param: nn.Parameter
     slot: int | None               # expert slot in param, None for dense
-    local: Tensor
     global_: Tensor | None = None
     grad: Tensor | None = None
     expert: int | None = None      # index into the bucket's experts (for token weights)
+
+    @property
+    def local(self) -> Tensor:
+        """Flat view of the worker's parameter slice, taken afresh (the model may have moved)."""
+        return (self.param.detach() if self.slot is None else self.param.detach()[self.slot]).reshape(-1)
 
     def param_grad(self, create: bool = False) -> Tensor | None:
         """Flat view of this segment's part of the local parameter's gradient."""
@@ -274,6 +277,8 @@ class SyncManager:
                                                    nesterov=nesterov and outer_momentum > 0)
         self._segments = {i: self._bucket_segments(self.buckets[i]) for i in self.my_buckets}
         self._residual: dict[int, Tensor] = {}   # error feedback of compressed buckets
+        self._segment_kernels: bool | None = None
+        self._tables: dict[int, tuple] = {}
         if check_initial_state and world_size > 1:
             self._check_identical_start()
 
@@ -362,13 +367,13 @@ class SyncManager:
         return segs
 
     def _segment(self, offset: int, p: nn.Parameter, slot: int | None, expert: int | None) -> _Segment:
-        local = (p.detach() if slot is None else p.detach()[slot]).reshape(-1)
+        numel = p.numel() if slot is None else p[slot].numel()
         g = self._global_of.get(id(p))
         gview = gradview = None
         if g is not None:
             gview = (g if slot is None else g[slot]).reshape(-1)
             gradview = (g.grad if slot is None else g.grad[slot]).reshape(-1)
-        return _Segment(offset, local.numel(), p, slot, local, gview, gradview, expert)
+        return _Segment(offset, numel, p, slot, gview, gradview, expert)
 
     def _checksums(self) -> dict[str, int]:
         # Integer sums of the raw bits: exact and order-independent, so equal tensors agree bitwise.
@@ -432,18 +437,14 @@ class SyncManager:
         return self._record(collectives, start)
 
     def _sync_bucket(self, i: int) -> dict:
-        bucket, segs = self.buckets[i], self._segments[i]
+        bucket = self.buckets[i]
         dev = self.global_device
         buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
         counts = None
         if bucket.count_numel:
             counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
                 device=dev, dtype=torch.float32)
-        for s in segs:   # pack Δ = θ_global − θ_local (times this worker's token count if weighted)
-            out = buf[s.offset:s.offset + s.numel]
-            torch.sub(s.global_, s.local.to(dev, non_blocking=True), out=out)
-            if counts is not None and s.expert is not None:
-                out.mul_(counts[s.expert])
+        self._pack(i, buf, counts)
         if bucket.compression is not None and len(bucket.ranks) > 1:
             # Error feedback: what compression loses this round is added back next round.
             self._residual[i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
@@ -453,18 +454,67 @@ class SyncManager:
             s2, r2 = self.transport.sum_(counts, bucket.ranks, None)
             sent, recv = sent + s2, recv + r2
         seconds = time.perf_counter() - t0
-        n = float(len(bucket.ranks))
-        for s in segs:   # unpack the average into θ_global's gradient
+        self._unpack(i, buf, counts)
+        return {"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel, "experts": len(bucket.experts),
+                "compression": bucket.compression, "sent": sent, "recv": recv,
+                "seconds": seconds if dev.type == "cpu" else None}
+
+    # Pack Δ = θ_global − θ_local into a bucket (times this worker's token counts if weighted)
+    # and unpack the summed bucket as the average into θ_global's gradient. On CUDA one kernel
+    # each covers every slice of the bucket (segment tables); on CPU, one op per slice.
+
+    def _pack(self, i: int, buf: Tensor, counts: Tensor | None) -> None:
+        if self._use_segment_kernels():
+            table, _ = self._segment_tables(i)
+            torch.ops.fomoe_comm.pack_delta(buf, table, counts)
+            return
+        for s in self._segments[i]:
+            out = buf[s.offset:s.offset + s.numel]
+            torch.sub(s.global_, s.local.to(buf.device, non_blocking=True), out=out)
+            if counts is not None and s.expert is not None:
+                out.mul_(counts[s.expert])
+
+    def _unpack(self, i: int, buf: Tensor, counts: Tensor | None) -> None:
+        n = float(len(self.buckets[i].ranks))
+        if self._use_segment_kernels():
+            _, table = self._segment_tables(i)
+            torch.ops.fomoe_comm.unpack_average(buf, table, counts, n)
+            return
+        for s in self._segments[i]:
             src = buf[s.offset:s.offset + s.numel]
             if counts is not None and s.expert is not None:
                 total = counts[s.expert]
                 # Experts nobody routed tokens to this round get no update.
-                torch.where(total > 0, src / total.clamp_min(1.0), torch.zeros((), device=dev), out=s.grad)
+                torch.where(total > 0, src / total.clamp_min(1.0), torch.zeros((), device=buf.device), out=s.grad)
             else:
                 torch.div(src, n, out=s.grad)
-        return {"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel, "experts": len(bucket.experts),
-                "compression": bucket.compression, "sent": sent, "recv": recv,
-                "seconds": seconds if dev.type == "cpu" else None}
+
+    def _use_segment_kernels(self) -> bool:
+        if self._segment_kernels is None:
+            self._segment_kernels = (self.global_device.type == "cuda" and comm.nccl_ops() is not None and all(
+                s.local.device == self.global_device and s.local.dtype in (torch.float32, torch.bfloat16)
+                for segs in self._segments.values() for s in segs))
+        return self._segment_kernels
+
+    def _segment_tables(self, i: int) -> tuple[Tensor, Tensor]:
+        """CPU segment tables (pack, unpack) of bucket i, rebuilt if a tensor moved since."""
+        segs = self._segments[i]
+        locals_ = [s.local for s in segs]
+        ptrs = tuple((s.global_.data_ptr(), l.data_ptr(), s.grad.data_ptr()) for s, l in zip(segs, locals_))
+        cached = self._tables.get(i)
+        if cached is not None and cached[0] == ptrs:
+            return cached[1], cached[2]
+        for l in locals_:
+            if not l.is_contiguous() or l.device != self.global_device or l.dtype not in (torch.float32, torch.bfloat16):
+                raise RuntimeError(f"the bucket kernels need contiguous fp32/bf16 parameters on {self.global_device}, "
+                                   f"got a {l.dtype} slice on {l.device}")
+        dtype_code = {torch.float32: 0, torch.bfloat16: 1}
+        pack = [[g, l, s.numel, s.offset, -1 if s.expert is None else s.expert, dtype_code[t.dtype]]
+                for s, t, (g, l, _) in zip(segs, locals_, ptrs)]
+        unpack = [[gr, 0, s.numel, s.offset, -1 if s.expert is None else s.expert, 0] for s, (_, _, gr) in zip(segs, ptrs)]
+        tables = [torch.tensor(t, dtype=torch.int64).reshape(-1, 6) for t in (pack, unpack)]
+        self._tables[i] = (ptrs, tables[0], tables[1])
+        return tables[0], tables[1]
 
     def _allreduce_grads(self) -> dict:
         start = time.perf_counter()

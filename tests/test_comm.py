@@ -198,3 +198,112 @@ def test_transport_checks_its_inputs():
         t.sum_(torch.zeros(3, dtype=torch.float64), (0,))
     buf = torch.arange(4.0)
     assert t.sum_(buf, (0,)) == (0, 0) and torch.equal(buf, torch.arange(4.0))
+
+
+# ---- NCCL transport and bucket kernels (one GPU) ----------------------------------------------------
+
+def _self_ring_expected(x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    # A two-position ring whose both neighbours are this very rank: the chunk it sends comes back
+    # as the chunk it receives, so with halves x0, x1 the result is (x0 + x1, x0 + x1), each hop
+    # rounded to bf16 on a bf16 wire.
+    rnd = (lambda t: t.to(torch.bfloat16).float()) if bf16 else (lambda t: t)
+    h = x.numel() // 2
+    owned = rnd(x[h:] + rnd(x[:h]))
+    return torch.cat([owned, owned])
+
+
+def _nccl_worker(ctx):
+    torch.manual_seed(0)
+    t = comm.NcclTransport(ctx.device, slice_bytes=4096)          # 1024-element slices: several per chunk
+    out = {"versions": comm.nccl_versions()}
+    x = torch.randn(10_000, device=ctx.device)
+    y = torch.empty_like(x)
+    out["sendrecv"] = (t._ops.nccl_sendrecv(t.handle, x, 0, y, 0), torch.equal(x, y))
+    for bf16 in (False, True):
+        buf = x.clone()
+        plan = comm.ring_plan(buf.numel(), 2, 0)
+        moved = t._ops.nccl_ring_allreduce(t.handle, buf, torch.tensor(plan.table(), dtype=torch.int64), 0, 0, bf16,
+                                           t.slice_elems)
+        out[f"ring_bf16={bf16}"] = (buf.cpu(), x.cpu(), moved, plan.elements())
+    try:
+        t._ops.nccl_ring_allreduce(t.handle, x, torch.tensor([[0, 20_000, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0]]),
+                                   0, 0, False, 1024)
+        out["bad_plan"] = None
+    except RuntimeError as exc:
+        out["bad_plan"] = str(exc)
+    t.close()
+    return out
+
+
+@pytest.mark.cuda
+def test_nccl_transport_on_one_gpu():
+    res = launch.spawn(_nccl_worker, 1, backend="nccl", timeout_s=120)[0]
+    v = res["versions"]
+    assert v is not None and v["runtime"] >= v["compiled"], v
+    moved, same = res["sendrecv"]
+    assert same and list(moved) == [40_000, 40_000]
+    for bf16 in (False, True):
+        buf, x, moved, elements = res[f"ring_bf16={bf16}"]
+        assert torch.equal(buf, _self_ring_expected(x, bf16))
+        assert list(moved) == [e * (2 if bf16 else 4) for e in elements]
+    assert "plan row 0 names elements [0, 20000) of a buffer of 10000" in res["bad_plan"]
+
+
+@pytest.mark.cuda
+def test_bucket_kernels_match_the_cpu_path_bitwise(gen):
+    if comm.nccl_ops() is None:
+        pytest.skip("this build has no NCCL comm ops")
+    ops = comm.nccl_ops()
+    dev = torch.device("cuda")
+    shapes = [(3, 5000), (17,), (1,), (2, 300)]
+    glob = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    local = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    local[1] = local[1].to(torch.bfloat16)
+    experts = [-1, 0, 1, 0]
+    counts = torch.tensor([3.0, 0.0], device=dev)
+    offsets, total = [], 7                                   # a gap at the start of the bucket
+    for g in glob:
+        offsets.append(total)
+        total += g.numel()
+    rows = [[g.data_ptr(), l.data_ptr(), g.numel(), o, e, 1 if l.dtype == torch.bfloat16 else 0]
+            for g, l, o, e in zip(glob, local, offsets, experts)]
+    bucket = torch.zeros(total, device=dev)
+    ops.pack_delta(bucket, torch.tensor(rows, dtype=torch.int64), counts)
+    for g, l, o, e in zip(glob, local, offsets, experts):
+        want = g - l.float()
+        if e >= 0:
+            want = want * counts[e]
+        assert torch.equal(bucket[o:o + g.numel()], want.reshape(-1))
+    grads = [torch.full_like(g, float("nan")) for g in glob]
+    urows = [[gr.data_ptr(), 0, gr.numel(), o, e, 0] for gr, o, e in zip(grads, offsets, experts)]
+    ops.unpack_average(bucket, torch.tensor(urows, dtype=torch.int64), counts, 4.0)
+    for gr, o, e in zip(grads, offsets, experts):
+        src = bucket[o:o + gr.numel()]
+        want = src / 4.0 if e < 0 else (src / counts[e] if counts[e] > 0 else torch.zeros_like(src))
+        assert torch.equal(gr.reshape(-1), want)
+    with pytest.raises(RuntimeError, match=r"segment 0 covers \[0, 99999\) of a bucket"):
+        ops.pack_delta(bucket, torch.tensor([[rows[0][0], rows[0][1], 99_999, 0, -1, 0]]), None)
+
+
+@pytest.mark.cuda
+def test_sync_manager_on_gpu_matches_cpu(gen):
+    import federation_workers as fw
+    from fomoe.sync import SyncManager
+    results = []
+    for device in ("cpu", "cuda"):
+        model = fw.make_model(None, 0).to(device)
+        mgr = SyncManager(model, torch.optim.SGD(model.parameters(), lr=0.0), method="diloco", sync_every=1,
+                          global_device=device)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            with torch.no_grad():
+                for p in model.parameters():   # dyadic moves: exact on both devices
+                    p.add_((torch.randint(-8, 8, p.shape, generator=g).float() / 64).to(device))
+            mgr.sync()
+        results.append({k: v.detach().cpu() for k, v in mgr.global_state().items()})
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, mgr.global_state()[k]), "θ_local must equal θ_global after a sync"
+    if comm.nccl_ops() is not None:
+        assert mgr._use_segment_kernels()
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-6, atol=1e-7)

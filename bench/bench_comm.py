@@ -1,0 +1,162 @@
+"""Sparse expert all-reduce over NCCL: fomoe's ring (ncclSend/ncclRecv over one communicator)
+vs ``torch.distributed.all_reduce`` (NCCL) moving the same bytes, in the same run.
+
+Every worker holds one GPU. For each bucket size (64 MiB .. 1 GiB of fp32) both collectives
+sum a fresh random buffer over all workers, alternating iteration by iteration; each is timed
+with CUDA events on the caller's stream, median over the iterations. Bus bandwidth is the
+nccl-tests convention, 2(n-1)/n * bytes / time, so the two compare directly; the issue's
+target is fomoe >= 0.9x torch. Before timing, both must return the exact same sum for dyadic
+inputs (every fp32 sum exact). ``--slice-mb`` sweeps fomoe's pipelining slice on the largest
+bucket; ``--bf16`` adds fomoe's bf16 wire (half the bytes; busbw counts fp32 bytes moved).
+
+Needs at least two GPUs; with fewer it says so and exits cleanly (writing a JSON that says
+skipped). Run through bench/device_run.sh or directly:
+
+    python bench/bench_comm.py [--world 2] [--sizes-mb 64,128,256,512,1024] [--iters 10] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+SIZES_MB = (64, 128, 256, 512, 1024)
+
+
+def _bus_bw(nbytes: int, n: int, seconds: float) -> float:
+    return 2 * (n - 1) / n * nbytes / seconds / 1e9
+
+
+def _time(fn, iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
+def _worker(ctx, sizes_mb, iters, warmup, slice_mbs, bf16):
+    import torch.distributed as dist
+
+    from fomoe import comm
+    torch.manual_seed(1234 + ctx.rank)
+    n, ranks = ctx.world_size, tuple(range(ctx.world_size))
+    transport = comm.NcclTransport(ctx.device)
+    rows = []
+
+    # Exactness first: dyadic inputs make every fp32 sum exact, so both must agree bitwise.
+    x = (torch.randint(-1 << 10, 1 << 10, (3 * (1 << 20) + 7,), device=ctx.device).float() / 64)
+    a, b = x.clone(), x.clone()
+    transport.sum_(a, ranks)
+    dist.all_reduce(b)
+    torch.cuda.synchronize()
+    exact = bool(torch.equal(a, b))
+
+    def measure(numel, slice_mb=None, wire=None):
+        if slice_mb is not None:
+            transport.slice_elems = int(slice_mb * (1 << 20)) // 4
+        src = torch.randn(numel, device=ctx.device)
+        buf = torch.empty_like(src)
+        ours, theirs = [], []
+        for it in range(warmup + iters):
+            src.normal_()                     # fresh random input every iteration
+            buf.copy_(src)
+            t_ours = _time(lambda: transport.sum_(buf, ranks, wire), 1)[0]
+            buf.copy_(src)
+            t_theirs = _time(lambda: dist.all_reduce(buf), 1)[0]
+            if it >= warmup:
+                ours.append(t_ours)
+                theirs.append(t_theirs)
+        return statistics.median(ours), statistics.median(theirs)
+
+    default_slice = transport.slice_elems * 4 / (1 << 20)
+    for mb in sizes_mb:
+        numel = int(mb * (1 << 20)) // 4
+        t_ours, t_torch = measure(numel, default_slice)
+        row = {"bytes": numel * 4, "size_mib": mb, "fomoe_s": t_ours, "torch_s": t_torch,
+               "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_ours), "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch),
+               "slice_mib": default_slice, "wire": "fp32"}
+        row["ratio"] = row["fomoe_busbw_gbs"] / row["torch_busbw_gbs"]
+        rows.append(row)
+        if bf16:
+            t_b, t_torch = measure(numel, default_slice, "bf16")
+            rows.append({**row, "fomoe_s": t_b, "torch_s": t_torch, "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_b),
+                         "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch), "wire": "bf16",
+                         "ratio": t_torch / t_b})
+        if ctx.rank == 0:
+            print(f"  {mb:5d} MiB  fomoe {row['fomoe_busbw_gbs']:7.1f} GB/s  torch {row['torch_busbw_gbs']:7.1f} GB/s"
+                  f"  ratio {row['ratio']:.3f}", flush=True)
+    sweep = []
+    for smb in slice_mbs:
+        numel = int(max(sizes_mb) * (1 << 20)) // 4
+        t_ours, t_torch = measure(numel, smb)
+        sweep.append({"slice_mib": smb, "bytes": numel * 4, "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_ours),
+                      "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch)})
+    transport.close()
+    return {"rows": rows, "slice_sweep": sweep, "exact": exact, "versions": comm.nccl_versions(),
+            "device": torch.cuda.get_device_name(ctx.device)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=2, help="workers, one GPU each (default 2)")
+    parser.add_argument("--sizes-mb", default=",".join(map(str, SIZES_MB)))
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--slice-mb", default="8,32,128", help="slice sizes to sweep on the largest bucket ('' = none)")
+    parser.add_argument("--bf16", action="store_true", help="also time fomoe's bf16 wire")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2 or args.world < 2:
+        reason = f"needs at least 2 GPUs (found {gpus}); the sparse all-reduce is a multi-GPU collective"
+        print(f"bench_comm: skipped: {reason}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"skipped": reason}, f, indent=1)
+        return 0
+    import fomoe
+    from fomoe import comm, launch
+    if comm.nccl_ops() is None:
+        reason = "this fomoe build has no NCCL transport (build with CUDA: FOMOE_CUDA=1)"
+        print(f"bench_comm: skipped: {reason}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"skipped": reason}, f, indent=1)
+        return 0
+    world = min(args.world, gpus)
+    sizes = [int(s) for s in args.sizes_mb.split(",") if s]
+    slices = [float(s) for s in args.slice_mb.split(",") if s]
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    print(f"bench_comm: {world} workers x 1 GPU, buckets {sizes} MiB, {args.iters} iterations (median)", flush=True)
+    out = launch.spawn(_worker, world, backend="nccl", args=(sizes, args.iters, args.warmup, slices, args.bf16),
+                       timeout_s=600)[0]
+    result = {"world": world, "fomoe": fomoe.__version__, "torch": torch.__version__, **out}
+    if not out["exact"]:
+        print("bench_comm: FAILED: fomoe's sum differs from torch.distributed.all_reduce on exact inputs")
+    print("\n| bucket | fomoe busbw GB/s | torch all_reduce busbw GB/s | ratio |")
+    print("|---|---|---|---|")
+    for r in out["rows"]:
+        if r["wire"] == "fp32":
+            print(f"| {r['size_mib']} MiB | {r['fomoe_busbw_gbs']:.1f} | {r['torch_busbw_gbs']:.1f} | {r['ratio']:.3f} |")
+    for s in out["slice_sweep"]:
+        print(f"slice {s['slice_mib']:g} MiB: fomoe {s['fomoe_busbw_gbs']:.1f} GB/s, torch {s['torch_busbw_gbs']:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    ok = out["exact"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
