@@ -383,24 +383,31 @@ def test_bad_data_is_skipped_and_never_read_out_of_bounds(gen):
     torch.cuda.synchronize()  # an out-of-bounds access would surface here
 
 
-def test_rejects_bad_input_with_clear_errors(gen):
+def _tables(gen):
     ids = random_ids(16, 8, 2, gen, device="cuda")
-    resident_map, _ = random_resident(8, 4, gen)
-    with pytest.raises(RuntimeError, match="resident_map is on cpu"):
-        torch.ops.fomoe.dispatch(ids, resident_map, 4)
-    with pytest.raises(RuntimeError, match="ids must be int32"):
-        torch.ops.fomoe.dispatch(ids.long(), cuda(resident_map), 4)
-    with pytest.raises(RuntimeError, match="num_local must be in"):
-        torch.ops.fomoe.dispatch(ids, cuda(resident_map), 9)
-    with pytest.raises(RuntimeError, match="top_k must be in"):
-        ops.route(torch.randn(4, 3, device="cuda"), 4)
-    perm, _, inv = ops.dispatch(ids, cuda(resident_map), 4)
-    with pytest.raises(RuntimeError, match="permutation is on"):
-        ops.gather(torch.randn(16, 8, device="cuda"), perm.cpu(), inv)
-    with pytest.raises(RuntimeError, match="rows must be"):
-        ops.combine(torch.randn(5, 8, device="cuda"), perm, inv)
-    with pytest.raises(RuntimeError, match="want grad_out"):
-        torch.ops.fomoe.combine_gate_grad(torch.randn(16, 7, device="cuda"), torch.randn(32, 8, device="cuda"), inv)
+    resident_map, _ = random_resident(8, 4, gen, device="cuda")
+    return (ids, resident_map) + ops.dispatch(ids, resident_map, 4)
+
+
+# One bad input per test: each names what is wrong, none reaches a kernel.
+BAD_INPUTS = {
+    "dispatch: map on another device": (
+        "resident_map is on cpu", lambda ids, m, perm, off, inv: torch.ops.fomoe.dispatch(ids, m.cpu(), 4)),
+    "dispatch: int64 ids": (
+        "ids must be int32", lambda ids, m, perm, off, inv: torch.ops.fomoe.dispatch(ids.long(), m, 4)),
+    "dispatch: num_local > num_experts": (
+        "num_local must be in", lambda ids, m, perm, off, inv: torch.ops.fomoe.dispatch(ids, m, 9)),
+    "route: top_k > num_experts": (
+        "top_k must be in", lambda ids, m, perm, off, inv: ops.route(torch.randn(4, 3, device="cuda"), 4)),
+    "gather: permutation on another device": (
+        "permutation is on", lambda ids, m, perm, off, inv: ops.gather(torch.randn(16, 8, device="cuda"),
+                                                                     perm.cpu(), inv)),
+    "combine: rows of the wrong length": (
+        "rows must be", lambda ids, m, perm, off, inv: ops.combine(torch.randn(5, 8, device="cuda"), perm, inv)),
+    "combine_gate_grad: mismatched shapes": (
+        "want grad_out", lambda ids, m, perm, off, inv: torch.ops.fomoe.combine_gate_grad(
+            torch.randn(16, 7, device="cuda"), torch.randn(32, 8, device="cuda"), inv)),
+}
 
 
 # ---- CUDA graphs -------------------------------------------------------------------------------
@@ -445,3 +452,11 @@ def test_layer_routing_path_replays_from_a_cuda_graph():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             else:
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_rejects_bad_input_with_a_clear_error(case, gen):
+    message, call = BAD_INPUTS[case]
+    tables = _tables(gen)
+    with pytest.raises(RuntimeError, match=message):
+        call(*tables)

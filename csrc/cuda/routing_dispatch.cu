@@ -22,24 +22,27 @@ constexpr int kItems = 4;                    // assignments per thread and tile
 constexpr int kTile = kThreads * kItems;     // assignments per tile
 constexpr int kWarpSpan = kTile / kWarps;    // contiguous assignments ranked by one warp
 
-// Local slot of assignment i, or -1 when it is skipped: not held here, or (bad input, reported
-// by the count kernel) an expert id or resident_map entry out of range.
+// Local slot of assignment i, or -1 when it is skipped: not held here, or (bad input) an expert
+// id out of range (noted in *bad_id) or a resident_map entry out of range (check_map reports it).
 __device__ __forceinline__ int slot_of(const int32_t* ids, int64_t i, const int32_t* map, int E, int L,
-                                       uint32_t* flags, bool report) {
+                                       bool* bad_id) {
   const int id = ids[i];
   if (id < 0 || id >= E) {
-    if (report) raise_error(flags, kExpertIdOutOfRange);
+    *bad_id = true;
     return -1;
   }
   const int slot = map[id];
-  return (slot >= 0 && slot < L) ? slot : -1;  // entries < -1 or >= L are reported by check_map
+  return (slot >= 0 && slot < L) ? slot : -1;
 }
 
+// Every resident_map entry is checked once per launch (a block-strided share per block).
 __device__ __forceinline__ void check_map(const int32_t* map, int E, int L, uint32_t* flags) {
+  bool bad = false;
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < E; e += int64_t(gridDim.x) * kThreads) {
     const int slot = map[e];
-    if (slot < -1 || slot >= L) raise_error(flags, kResidentMapOutOfRange);
+    bad |= slot < -1 || slot >= L;
   }
+  if (bad) raise_error(flags, kResidentMapOutOfRange);
 }
 
 __device__ __forceinline__ unsigned lanemask_lt() {
@@ -80,13 +83,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int64_t base = int64_t(blockIdx.x) * kTile;
+  bool bad_id = false;
 #pragma unroll
   for (int r = 0; r < kItems; ++r) {
     const int64_t i = base + r * kThreads + threadIdx.x;
-    const int slot = i < n ? slot_of(ids, i, map, E, L, flags, true) : -1;
+    const int slot = i < n ? slot_of(ids, i, map, E, L, &bad_id) : -1;
     const unsigned same = __match_any_sync(kFullMask, slot);
     if (slot >= 0 && lane == __ffs(same) - 1) atomicAdd(&hist[slot], __popc(same));
   }
+  if (bad_id) raise_error(flags, kExpertIdOutOfRange);
   __syncthreads();
   for (int s = threadIdx.x; s < L; s += kThreads) counts[int64_t(s) * tiles + blockIdx.x] = hist[s];
 }
@@ -144,10 +149,11 @@ __global__ void __launch_bounds__(kThreads)
   int* my_run = warp_run + warp * L;
   const int64_t span = int64_t(blockIdx.x) * kTile + warp * kWarpSpan;
   int slot[kItems], rank[kItems];
+  bool bad_id = false;  // already reported by the count kernel
 #pragma unroll
   for (int r = 0; r < kItems; ++r) {
     const int64_t i = span + r * 32 + lane;
-    slot[r] = i < n ? slot_of(ids, i, map, E, L, nullptr, false) : -1;
+    slot[r] = i < n ? slot_of(ids, i, map, E, L, &bad_id) : -1;
     const unsigned same = __match_any_sync(kFullMask, slot[r]);
     rank[r] = slot[r] >= 0 ? my_run[slot[r]] + __popc(same & lanemask_lt()) : 0;
     __syncwarp();

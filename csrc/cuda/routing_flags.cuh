@@ -12,7 +12,9 @@ namespace {
 __device__ uint32_t sticky_error_flags = 0;
 
 // ORs `bit` into the caller's word, or into this file's sticky word when the caller passed none.
-__device__ __noinline__ void raise_error(uint32_t* flags, uint32_t bit) {
+// Kernels note bad entries in a register and call this once at their end, so no atomic or call
+// sits between their loads.
+__device__ __forceinline__ void raise_error(uint32_t* flags, uint32_t bit) {
   atomicOr(flags != nullptr ? flags : &sticky_error_flags, bit);
 }
 

@@ -43,8 +43,9 @@ __global__ void __launch_bounds__(kRouteThreads)
   A dot = 0;  // sum_s grad_w[s] * w[s]
   for (int s = 0; s < k; ++s) dot = add_rn(dot, mul_rn(gw[s], w[s]));
   if (active && lane == 0) {
-    for (int s = 0; s < k; ++s)
-      if (id[s] < 0 || id[s] >= E) raise_error(error_flags, kExpertIdOutOfRange);
+    bool bad = false;
+    for (int s = 0; s < k; ++s) bad |= id[s] < 0 || id[s] >= E;
+    if (bad) raise_error(error_flags, kExpertIdOutOfRange);
   }
 
   if (softmax && !renormalize) {

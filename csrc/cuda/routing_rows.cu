@@ -12,13 +12,23 @@ namespace detail {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kGatherUnroll = 4;  // vectors per thread in flight (gather)
-constexpr int kCombineBatch = 4;  // source rows in flight per output vector (combine)
+constexpr int kGatherUnroll = 8;  // vectors per thread in flight (gather)
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
+
+// Outputs are written once and not read back by these kernels: streaming stores (evict-first in
+// L2) leave the cache to the inputs that are read several times (gather's token rows).
+template <typename V>
+__device__ __forceinline__ void store_streaming(V* dst, const V& v) {
+  if constexpr (sizeof(V) == 16) {
+    __stcs(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(&v));
+  } else {
+    *dst = v;
+  }
+}
 
 // Splits vector index `first + off` (off < 2^31) of a row-major [rows, vpr] grid into (row, col)
 // with one 64-bit division per block and a 32-bit one per element.
@@ -45,6 +55,7 @@ __global__ void __launch_bounds__(kThreads)
   V val[kGatherUnroll];
   int64_t dst[kGatherUnroll];
   bool store[kGatherUnroll];
+  bool bad = false;  // reported once, after the loads: no call between them
 #pragma unroll
   for (int u = 0; u < kGatherUnroll; ++u) {
     int64_t j;
@@ -63,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       store[u] = true;
     } else {
-      if (p != -1) raise_error(flags, kTableEntryOutOfRange);
+      bad |= p != -1;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) val[u].v[e] = from_acc<T>(A(0));
       store[u] = zero_skipped;
@@ -71,10 +82,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int u = 0; u < kGatherUnroll; ++u)
-    if (store[u]) *reinterpret_cast<V*>(out + dst[u]) = val[u];
+    if (store[u]) store_streaming(reinterpret_cast<V*>(out + dst[u]), val[u]);
+  if (bad) raise_error(flags, kTableEntryOutOfRange);
 }
 
-template <typename T, int VEC, bool kGate>
+// B: source rows in flight per output vector, chosen from k so that registers (and with them
+// occupancy) fit the rows there are to load.
+template <typename T, int VEC, bool kGate, int B>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const T* __restrict__ src, int64_t src_stride, int64_t num_rows, const int32_t* __restrict__ inverse,
                    int64_t tokens, int k, const acc_t<T>* __restrict__ gate, T* __restrict__ out, int64_t out_stride,
@@ -87,15 +101,16 @@ __global__ void __launch_bounds__(kThreads)
   cursor.at(threadIdx.x, &t, &c);
   if (t >= tokens) return;
   const int32_t* inv = inverse + t * k;
+  bool bad = false;
   A acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = A(0);
-  for (int s0 = 0; s0 < k; s0 += kCombineBatch) {
-    V x[kCombineBatch];
-    A g[kCombineBatch];
-    bool use[kCombineBatch];
+  for (int s0 = 0; s0 < k; s0 += B) {
+    V x[B];
+    A g[B];
+    bool use[B];
 #pragma unroll
-    for (int b = 0; b < kCombineBatch; ++b) {
+    for (int b = 0; b < B; ++b) {
       const int s = s0 + b;
       use[b] = false;
       if (s >= k) continue;
@@ -104,13 +119,13 @@ __global__ void __launch_bounds__(kThreads)
         x[b] = *reinterpret_cast<const V*>(src + int64_t(r) * src_stride + int64_t(c) * VEC);
         g[b] = kGate ? gate[t * k + s] : A(1);
         use[b] = true;
-      } else if (r != -1) {
-        raise_error(flags, kTableEntryOutOfRange);
+      } else {
+        bad |= r != -1;
       }
     }
     // Slot order, skipped slots add nothing: the CPU kernel's sum, rounded the same way.
 #pragma unroll
-    for (int b = 0; b < kCombineBatch; ++b) {
+    for (int b = 0; b < B; ++b) {
       if (!use[b]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[e] = add_rn(acc[e], mul_rn(g[b], to_acc(x[b].v[e])));
@@ -119,7 +134,8 @@ __global__ void __launch_bounds__(kThreads)
   V y;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) y.v[e] = from_acc<T>(acc[e]);
-  *reinterpret_cast<V*>(out + t * out_stride + int64_t(c) * VEC) = y;
+  store_streaming(reinterpret_cast<V*>(out + t * out_stride + int64_t(c) * VEC), y);
+  if (bad) raise_error(flags, kTableEntryOutOfRange);
 }
 
 // One warp per (token, slot): a row dot product, reduced in a fixed butterfly order.
@@ -190,7 +206,7 @@ cudaError_t launch_gather(const GatherRows& p, cudaStream_t stream) {
   return last_launch_error();
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int B>
 cudaError_t launch_combine(const CombineRows& p, cudaStream_t stream) {
   const uint32_t vpr = static_cast<uint32_t>(p.d / VEC);
   const int64_t blocks = ceil_div(p.tokens * vpr, kThreads);
@@ -200,10 +216,10 @@ cudaError_t launch_combine(const CombineRows& p, cudaStream_t stream) {
   auto* out = static_cast<T*>(p.out);
   const int k = static_cast<int>(p.top_k);
   if (gate != nullptr) {
-    combine_kernel<T, VEC, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    combine_kernel<T, VEC, true, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         rows, p.rows_stride, p.num_rows, p.inverse, p.tokens, k, gate, out, p.out_stride, vpr, p.error_flags);
   } else {
-    combine_kernel<T, VEC, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    combine_kernel<T, VEC, false, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         rows, p.rows_stride, p.num_rows, p.inverse, p.tokens, k, gate, out, p.out_stride, vpr, p.error_flags);
   }
   return last_launch_error();
@@ -248,8 +264,11 @@ cudaError_t combine_rows(const CombineRows& p, cudaStream_t stream) {
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     if (vector_width<T>(p.d, {{p.rows, p.rows_stride}, {p.out, p.out_stride}}) == 1)
-      return launch_combine<T, 1>(p, stream);
-    return launch_combine<T, 16 / sizeof(T)>(p, stream);
+      return launch_combine<T, 1, 4>(p, stream);
+    constexpr int kVec = 16 / sizeof(T);
+    if (p.top_k <= 2) return launch_combine<T, kVec, 2>(p, stream);
+    if (p.top_k <= 4) return launch_combine<T, kVec, 4>(p, stream);
+    return launch_combine<T, kVec, 8>(p, stream);
   });
 }
 
