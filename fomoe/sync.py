@@ -522,20 +522,23 @@ class SyncManager:
         with torch.no_grad():
             for i in self.my_buckets:
                 bucket, segs = self.buckets[i], self._segments[i]
-                buf = torch.empty(bucket.numel, dtype=torch.float32, device=self.global_device)
-                for s in segs:
-                    out = buf[s.offset:s.offset + s.numel]
-                    grad = s.param_grad()
-                    if grad is None:
-                        out.zero_()
-                    else:
-                        out.copy_(grad)
+                dev = self.global_device
+                # Missing gradients (a parameter the step did not reach) count as zeros.
+                grads = [s.param_grad() for s in segs]
+                parts = [torch.zeros(s.numel, device=dev) if g is None else g.to(dev, torch.float32)
+                         for s, g in zip(segs, grads)]
+                buf = torch.cat(parts) if parts else torch.empty(0, device=dev)
                 t0 = time.perf_counter()
                 sent, recv = self.transport.sum_(buf, bucket.ranks)
                 seconds = time.perf_counter() - t0
                 buf.div_(len(bucket.ranks))
-                for s in segs:
-                    s.param_grad(create=True).copy_(buf[s.offset:s.offset + s.numel])
+                dst = [s.param_grad(create=True) for s in segs]
+                src = list(buf.split([s.numel for s in segs]))
+                if all(d.device == dev and d.dtype == torch.float32 for d in dst):
+                    torch._foreach_copy_(dst, src)
+                else:
+                    for d, x in zip(dst, src):
+                        d.copy_(x)
                 collectives.append({"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel,
                                     "experts": len(bucket.experts), "compression": None, "sent": sent, "recv": recv,
                                     "seconds": seconds if self.global_device.type == "cpu" else None})

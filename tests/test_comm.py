@@ -307,3 +307,27 @@ def test_sync_manager_on_gpu_matches_cpu(gen):
         assert mgr._use_segment_kernels()
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-6, atol=1e-7)
+
+
+def test_backend_choice_and_overrides(monkeypatch):
+    monkeypatch.delenv("FOMOE_BACKEND", raising=False)
+    assert launch.choose_backend("auto", 1) == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert launch.choose_backend("auto", 10_000) == "gloo"          # more workers than GPUs
+    monkeypatch.setenv("FOMOE_BACKEND", "gloo")
+    assert launch.choose_backend("auto", 1) == "gloo"
+    with pytest.raises(ValueError, match="backend must be auto, gloo or nccl"):
+        launch.choose_backend("mpi")
+    with pytest.raises(ValueError, match="needs (CUDA GPUs|one GPU per local worker)"):
+        launch.choose_backend("nccl", 10_000)
+
+
+def test_init_from_env_outside_torchrun(monkeypatch):
+    for var in ("RANK", "FOMOE_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = launch.init_from_env("gloo")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type) == (0, 1, "gloo", "cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
+        launch.init_from_env("gloo")

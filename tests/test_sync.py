@@ -371,3 +371,22 @@ def test_single_worker_needs_no_process_group():
         assert (rec is not None) == (step % 2 == 1)
     assert mgr.bytes_sent == 0 and mgr.round == 2
     assert isinstance(mgr.buckets[0], Bucket)
+
+
+def _dies_before_the_first_sync(ctx):
+    from fomoe.sync import SyncManager
+    model = fw.make_model(None, ctx.rank)
+    mgr = SyncManager(model, fw.inner_optimizer(model), method="diloco", sync_every=1, rank=ctx.rank, world_size=2)
+    if ctx.rank == 1:
+        raise RuntimeError("worker 1 lost its data")
+    model.loss(fw.batch_for(0, 0)).backward()
+    mgr.step()   # rank 0 now waits in the ring for a peer that is gone
+
+
+def test_a_worker_dying_mid_run_fails_the_others_instead_of_hanging():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(launch.WorkerError, match="worker 1 lost its data") as info:
+        launch.spawn(_dies_before_the_first_sync, 2, backend="gloo", timeout_s=60, grace_s=20)
+    assert sorted(info.value.failures) == [0, 1]
+    assert time.monotonic() - t0 < 45
