@@ -347,9 +347,11 @@ class NcclTransport(Transport):
         check_nccl_version()
         from torch.distributed import distributed_c10d as c10d
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        if self.device.type != "cuda" or self.device.index is None:
-            raise ValueError(f"NcclTransport needs a CUDA device with an index, got {self.device}")
+        self.device = torch.device(device) if device is not None else torch.device("cuda")
+        if self.device.type != "cuda":
+            raise ValueError(f"NcclTransport needs a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if timeout_s is None:
             timeout_s = _default_timeout_s()
         mib = float(os.environ.get("FOMOE_NCCL_SLICE_MB", "32"))

@@ -136,13 +136,14 @@ def _worker(fn: Callable, rank: int, world_size: int, backend: str, port: int, t
             _leave(rank, world_size, min(timeout_s, 60.0))
 
 
-def _context(start_method: str | None):
-    # forkserver (where available): torch and fomoe are imported once by the server and every
-    # worker is a fork of it, so starting workers costs milliseconds instead of a torch import
-    # each (torch._dynamo too: every optimizer constructor imports it). The server never touches
-    # CUDA, so its forks may.
+def _context(start_method: str | None, backend: str):
+    # CPU workers: forkserver (where available): torch and fomoe are imported once by the server
+    # and every worker is a fork of it, so starting workers costs milliseconds instead of a torch
+    # import each (torch._dynamo too: every optimizer constructor imports it). GPU workers: fresh
+    # interpreters (spawn), so no worker can inherit CUDA state from a server process.
     if start_method is None:
-        start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        forkserver = "forkserver" in mp.get_all_start_methods() and backend == "gloo"
+        start_method = "forkserver" if forkserver else "spawn"
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(["torch", "torch.optim", "torch._dynamo", "fomoe", "fomoe.sync"])
@@ -176,13 +177,14 @@ def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: 
     collective (torch.distributed's timeout) and the whole run. When a worker fails, the others
     get ``grace_s`` seconds to finish or fail on their own (a bad configuration fails on every
     worker) before they are terminated; then ``WorkerError`` reports every failure.
-    ``start_method``: multiprocessing start method (default forkserver where available, else spawn).
+    ``start_method``: multiprocessing start method (default: forkserver for gloo workers where
+    available, spawn otherwise).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     backend = choose_backend(backend, world_size)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = _context(start_method)
+    ctx = _context(start_method, backend)
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, backend, port, timeout_s, threads, tuple(args),

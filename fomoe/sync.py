@@ -240,6 +240,8 @@ class SyncManager:
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
         self.max_grad_norm, self.weighted = max_grad_norm, weighted
         self.global_device = torch.device(global_device)
+        if self.global_device.type == "cuda" and self.global_device.index is None:
+            self.global_device = torch.device("cuda", torch.cuda.current_device())
         # Validate locally, then make every worker learn of any worker's problem before the
         # first collective: a bad configuration fails on all workers at once, never hangs.
         try:
