@@ -86,8 +86,8 @@ __global__ void __launch_bounds__(kThreads)
   if (bad) raise_error(flags, kTableEntryOutOfRange);
 }
 
-// B: source rows in flight per output vector, chosen from k so that registers (and with them
-// occupancy) fit the rows there are to load.
+// B: source rows in flight per output vector, chosen from k: more rows in flight cost registers
+// and with them occupancy.
 template <typename T, int VEC, bool kGate, int B>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const T* __restrict__ src, int64_t src_stride, int64_t num_rows, const int32_t* __restrict__ inverse,
@@ -266,9 +266,10 @@ cudaError_t combine_rows(const CombineRows& p, cudaStream_t stream) {
     if (vector_width<T>(p.d, {{p.rows, p.rows_stride}, {p.out, p.out_stride}}) == 1)
       return launch_combine<T, 1, 4>(p, stream);
     constexpr int kVec = 16 / sizeof(T);
+    // Measured on an H200 (bench/RESULTS.md): 8 rows in flight at 107 registers ran slower than
+    // 4 at 67 (occupancy), and 2 rows at 45 registers suit k <= 2.
     if (p.top_k <= 2) return launch_combine<T, kVec, 2>(p, stream);
-    if (p.top_k <= 4) return launch_combine<T, kVec, 4>(p, stream);
-    return launch_combine<T, kVec, 8>(p, stream);
+    return launch_combine<T, kVec, 4>(p, stream);
   });
 }
 
