@@ -202,29 +202,40 @@ def test_transport_checks_its_inputs():
 
 # ---- NCCL transport and bucket kernels (one GPU) ----------------------------------------------------
 
-def _self_ring_expected(x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    # A two-position ring whose both neighbours are this very rank: the chunk it sends comes back
-    # as the chunk it receives, so with halves x0, x1 the result is (x0 + x1, x0 + x1), each hop
-    # rounded to bf16 on a bf16 wire.
-    rnd = (lambda t: t.to(torch.bfloat16).float()) if bf16 else (lambda t: t)
-    h = x.numel() // 2
-    owned = rnd(x[h:] + rnd(x[:h]))
-    return torch.cat([owned, owned])
+def _self_ring_expected(x: torch.Tensor, n: int, bf16: bool) -> torch.Tensor:
+    """Position 0 of an n-member ring whose neighbours are both this very rank: every message
+    it receives is the one it sends in the same step. Executes ring_plan step by step (chunks
+    of equal length), rounding each hop to bf16 on a bf16 wire. On one GPU this drives the
+    NCCL transport's pipelined schedule through every step, with data flowing across steps."""
+    wire = (lambda t: t.to(torch.bfloat16).float()) if bf16 else (lambda t: t)
+    plan = comm.ring_plan(x.numel(), n, 0)
+    acc = x.clone()
+    ch = plan.chunks
+    for send_c, recv_c in plan.reduce_steps:
+        msg = wire(acc[ch[send_c][0]:ch[send_c][0] + ch[send_c][1]])
+        acc[ch[recv_c][0]:ch[recv_c][0] + ch[recv_c][1]] += msg
+    o0, ol = ch[plan.owned_chunk]
+    acc[o0:o0 + ol] = wire(acc[o0:o0 + ol])
+    for send_c, recv_c in plan.gather_steps:
+        acc[ch[recv_c][0]:ch[recv_c][0] + ch[recv_c][1]] = acc[ch[send_c][0]:ch[send_c][0] + ch[send_c][1]].clone()
+    return acc
 
 
 def _nccl_worker(ctx):
     torch.manual_seed(0)
     t = comm.NcclTransport(ctx.device, slice_bytes=4096)          # 1024-element slices: several per chunk
     out = {"versions": comm.nccl_versions()}
-    x = torch.randn(10_000, device=ctx.device)
+    x = torch.randn(12_000, device=ctx.device)
     y = torch.empty_like(x)
     out["sendrecv"] = (t._ops.nccl_sendrecv(t.handle, x, 0, y, 0), torch.equal(x, y))
-    for bf16 in (False, True):
-        buf = x.clone()
-        plan = comm.ring_plan(buf.numel(), 2, 0)
-        moved = t._ops.nccl_ring_allreduce(t.handle, buf, torch.tensor(plan.table(), dtype=torch.int64), 0, 0, bf16,
-                                           t.slice_elems)
-        out[f"ring_bf16={bf16}"] = (buf.cpu(), x.cpu(), moved, plan.elements())
+    for n in (2, 3, 4):
+        for bf16 in (False, True):
+            buf = x.clone()                                        # 12000: equal chunks for n = 2, 3, 4
+            plan = comm.ring_plan(buf.numel(), n, 0)
+            src = buf.clone()
+            moved = t._ops.nccl_ring_allreduce(t.handle, buf, torch.tensor(plan.table(), dtype=torch.int64), 0, 0,
+                                               bf16, t.slice_elems)
+            out[f"ring n={n} bf16={bf16}"] = (buf.cpu(), src.cpu(), moved, plan.elements())
     try:
         t._ops.nccl_ring_allreduce(t.handle, x, torch.tensor([[0, 20_000, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0]]),
                                    0, 0, False, 1024)
@@ -241,12 +252,13 @@ def test_nccl_transport_on_one_gpu():
     v = res["versions"]
     assert v is not None and v["runtime"] >= v["compiled"], v
     moved, same = res["sendrecv"]
-    assert same and list(moved) == [40_000, 40_000]
-    for bf16 in (False, True):
-        buf, x, moved, elements = res[f"ring_bf16={bf16}"]
-        assert torch.equal(buf, _self_ring_expected(x, bf16))
-        assert list(moved) == [e * (2 if bf16 else 4) for e in elements]
-    assert "plan row 0 names elements [0, 20000) of a buffer of 10000" in res["bad_plan"]
+    assert same and list(moved) == [48_000, 48_000]
+    for n in (2, 3, 4):
+        for bf16 in (False, True):
+            buf, x, moved, elements = res[f"ring n={n} bf16={bf16}"]
+            assert torch.equal(buf, _self_ring_expected(x, n, bf16)), (n, bf16)
+            assert list(moved) == [e * (2 if bf16 else 4) for e in elements]
+    assert "plan row 0 names elements [0, 20000) of a buffer of 12000" in res["bad_plan"]
 
 
 @pytest.mark.cuda
