@@ -22,6 +22,9 @@ resumed run continues bitwise identically (model, θ_global, outer and inner opt
 error-feedback residuals, the round's token counts, RNG state, and the caller's extra state
 such as the data position).
 
+``run_dir`` must be on a filesystem every worker writes to and rank 0 can read (one machine,
+or a shared filesystem across nodes): rank 0 writes the manifest for all shards.
+
 ``export_full_model`` merges every expert from all shards (by the per-expert state_dict keys)
 into one state dict that loads into a model holding every expert.
 """
