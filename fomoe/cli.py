@@ -183,8 +183,13 @@ def _print_summary(summary: dict, out: str) -> None:
     mib = summary["bytes_sent_per_worker"] / 2 ** 20
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s "
           f"({summary['tokens_per_s']:,.0f} tokens/s); sent {mib:,.1f} MiB per worker; "
-          f"final eval loss of the consolidated model {summary['final_eval_loss']:.4f}")
+          f"held-out eval loss of the consolidated model {_initial(summary)}{summary['final_eval_loss']:.4f}")
     print(f"run directory: {out} (metrics.jsonl, summary.json, model.safetensors, checkpoints/)")
+
+
+def _initial(summary: dict) -> str:
+    initial = summary.get("initial_eval_loss")
+    return "" if initial is None else f"{initial:.4f} at step 0 -> "
 
 
 def cmd_compare(args) -> int:

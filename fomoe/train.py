@@ -425,6 +425,26 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.label or cfg.method} x{world}", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
+
+    def evaluate_global(base: dict) -> None:
+        # Right after a sync every expert's holders agree: gather one copy of each on rank 0.
+        state = consolidated_state(model, placement, rank) if not placement.is_full() else None
+        if rank == 0:
+            if state is not None:
+                full_model.load_state_dict(state)
+            eval_loss = evaluate(full_model, eval_set, device, cfg.bf16)
+            log.write({"kind": "eval", **base, "eval_loss": eval_loss})
+            message = f"step {base['step']}: eval loss {eval_loss:.4f}"
+            if base["loss"] is not None:
+                message += f" (train {base['loss']:.4f})"
+            if bar is not None:
+                bar.write(message)
+            elif cfg.progress:
+                print(message, file=sys.stderr, flush=True)
+
+    if start_step == 0:
+        evaluate_global({"step": 0, "tokens": 0, "loss": None, "tokens_per_s": 0.0, "bytes_sent": 0.0,
+                         "bytes_recv": 0.0, "lr": 0.0, "time": 0.0, "comm_hops": 0})
     compute_s = float(prior.get("compute_s", 0.0))
     comm_hops = int(prior.get("comm_hops", 0))
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
@@ -479,14 +499,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
                     entry = {"kind": "sync", **base, "round": -(-done // cfg.sync_every), **routing}
                     log.write(entry)
             if is_round and (done % cfg.eval_every == 0 or done == cfg.steps):
-                state = consolidated_state(model, placement, rank) if not placement.is_full() else None
-                if rank == 0:
-                    if state is not None:
-                        full_model.load_state_dict(state)
-                    eval_loss = evaluate(full_model, eval_set, device, cfg.bf16)
-                    log.write({"kind": "eval", **base, "eval_loss": eval_loss})
-                    if bar is not None:
-                        bar.write(f"step {done}: eval loss {eval_loss:.4f} (train {last_loss:.4f})")
+                evaluate_global(base)
             if is_round and (done % cfg.ckpt_every == 0 or done in (cfg.steps, cfg.stop_at)):
                 _save(run_dir, done, model, manager, inner, data, monitor, cfg, rank, world,
                       {"compute_s": compute_s, "elapsed_s": base["time"], "comm_hops": comm_hops})
@@ -571,6 +584,8 @@ def _finish(run_dir: Path, cfg: TrainConfig, model_cfg: LMConfig, placement, wor
         raise RuntimeError(f"the exported model does not match the model config: missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}")
     final_eval = evaluate(full, eval_set, device, cfg.bf16)
+    evals = [json.loads(line) for line in log.path.read_text().splitlines() if '"kind": "eval"' in line]
+    initial_eval = evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None
     W = len(workers)
     tokens = cfg.steps * W * cfg.batch_size * cfg.seq_len
     sent = [w["bytes_sent"] for w in workers]
@@ -578,7 +593,7 @@ def _finish(run_dir: Path, cfg: TrainConfig, model_cfg: LMConfig, placement, wor
     summary = {
         "label": cfg.label or cfg.method, "method": cfg.method, "placement": placement.strategy,
         "workers": W, "steps": cfg.steps, "tokens": tokens, "sync_every": cfg.sync_every,
-        "final_eval_loss": final_eval, "elapsed_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "initial_eval_loss": initial_eval, "final_eval_loss": final_eval, "elapsed_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
         "compute_s_per_step": sum(w["compute_s"] for w in workers) / W / cfg.steps,
         "bytes_sent_per_worker": sum(sent) / W, "bytes_recv_per_worker": sum(recv) / W,
         "bytes_sent_max": max(sent), "peak_rss_mib_max": max(w["peak_mib"] for w in workers),

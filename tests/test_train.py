@@ -46,10 +46,12 @@ def test_train_end_to_end(straight_run):
     for m in lines:
         assert all(k in m for k in REQUIRED), m
     evals = [m for m in lines if m["kind"] == "eval"]
-    assert [m["step"] for m in evals] == [5, 10, 15, 20]
-    # Loss falls: well under the uniform-guess loss, and lower at the end than after one round.
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.2
-    assert evals[-1]["eval_loss"] < math.log(256) - 1.0
+    assert [m["step"] for m in evals] == [0, 5, 10, 15, 20]
+    # The untrained model is close to a uniform guess over 256 byte values (a little better: tied
+    # embeddings favour repeating the current byte); training takes the loss well below it.
+    assert math.log(256) - 0.6 < evals[0]["eval_loss"] < math.log(256) + 0.1
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
+    assert evals[-1]["eval_loss"] < evals[1]["eval_loss"] - 0.2
     train = [m for m in lines if m["kind"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     syncs = [m for m in lines if m["kind"] == "sync"]
@@ -137,4 +139,4 @@ def test_torchrun_runs_one_worker_per_process(tmp_path):
     lines = read_metrics(out)
     assert lines[-1]["kind"] == "final"
     assert json.loads((out / "summary.json").read_text())["workers"] == 2
-    assert "final eval loss" in proc.stdout
+    assert "held-out eval loss of the consolidated model" in proc.stdout
