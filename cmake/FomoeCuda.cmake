@@ -54,10 +54,17 @@ function(fomoe_add_cuda_kernels target)
     target_compile_definitions(${target} PRIVATE FOMOE_HAVE_CUTLASS)
   endif()
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${FOMOE_CUDA_FLAGS}>)
-  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  # Set on the target: torch's CMake config (found after this file is included) turns
+  # CMAKE_CUDA_ARCHITECTURES off.
+  set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON CUDA_ARCHITECTURES "${FOMOE_CUDA_ARCHS}")
 endfunction()
 
 function(fomoe_add_cuda_sources target)
+  # Torch's CMake config also appends -gencode flags for the GPU it detects (plain sm_90 on a
+  # Hopper: no wgmma, so the CUTLASS kernels would compile to stubs). Drop them so the kernels
+  # build for FOMOE_CUDA_ARCHS alone.
+  string(REGEX REPLACE "-gencode[ =]+arch=compute_[0-9]+[a-z]?,code=[a-z_0-9]+" "" cuda_flags "${CMAKE_CUDA_FLAGS}")
+  set(CMAKE_CUDA_FLAGS "${cuda_flags}" PARENT_SCOPE)
   find_package(CUDAToolkit REQUIRED)
   fomoe_add_cuda_kernels(fomoe_cuda_kernels)
   target_sources(${target} PRIVATE ${FOMOE_CUDA_GLUE_SOURCES} $<TARGET_OBJECTS:fomoe_cuda_kernels>)
