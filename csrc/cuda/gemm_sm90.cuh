@@ -1,0 +1,240 @@
+// Hopper grouped GEMM on CUTLASS 3 (ptr-array grouped kernel: TMA loads and stores, wgmma,
+// warp-specialized persistent schedule). Included only by the gemm_sm90_<kind>_<tile>.cu
+// translation units, each instantiating one variant.
+//
+// Per launch: a small kernel turns the device offsets into per-group problem shapes, operand
+// pointers and strides in the workspace; CUTLASS then reads them on the device (no host
+// copy of the shapes exists, so its persistent grid is sized by the SM count and the tile
+// scheduler walks the groups itself). CUTLASS rewrites each group's TMA descriptors on the
+// device, so ragged group sizes need no padding: loads past a group's rows read zeros and
+// stores past them are clipped. Groups without rows get shape M = 0 and no tiles.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/bfloat16.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/operations.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/kernel_hardware_info.h>
+
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "cuda/gemm_device.cuh"
+#include "cuda/gemm_sm90_variants.h"
+
+namespace fomoe::cuda::gemm::sm90 {
+
+using Element = cutlass::bfloat16_t;
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per group
+using GroupShape = ProblemShape::UnderlyingProblemShape;
+
+template <Sm90Tile>
+struct TileConfig;
+
+template <>
+struct TileConfig<Sm90Tile::kLarge> {
+  using Shape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+
+template <>
+struct TileConfig<Sm90Tile::kSmall> {
+  using Shape = cute::Shape<cute::_64, cute::_128, cute::_128>;
+  using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using Mainloop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+template <Sm90Tile kTile, class LayoutA, class LayoutB>
+struct Kernel {
+  using Config = TileConfig<kTile>;
+  static constexpr int kAlign = 8;  // bf16 elements per 16 bytes: TMA's alignment unit
+
+  // D = acc (no source operand: C is void, so nothing is read back).
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::Shape, typename Config::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlign,
+      Element, cutlass::layout::RowMajor*, kAlign, typename Config::Epilogue,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
+      float, typename Config::Shape, typename Config::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::Mainloop>::CollectiveOp;
+
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using StrideA = typename GemmKernel::InternalStrideA;
+  using StrideB = typename GemmKernel::InternalStrideB;
+  using StrideD = typename GemmKernel::InternalStrideD;
+};
+
+// A CuTe stride with one run-time mode (the leading dimension) and unit/zero static modes.
+template <class Stride>
+__device__ __forceinline__ Stride leading_stride(int64_t ld) {
+  Stride s{};
+  if constexpr (std::is_same_v<std::decay_t<decltype(cute::get<0>(s))>, int64_t>) {
+    cute::get<0>(s) = ld;
+  } else {
+    cute::get<1>(s) = ld;
+  }
+  return s;
+}
+
+// Per-group argument arrays carved from the workspace; CUTLASS's own workspace comes first
+// (its tensor maps want 64-byte alignment, the allocation gives more).
+template <class K>
+struct GroupArgs {
+  void* cutlass_workspace;
+  const Element** a;
+  const Element** b;
+  Element** d;
+  typename K::StrideA* stride_a;
+  typename K::StrideB* stride_b;
+  typename K::StrideD* stride_d;
+  GroupShape* shapes;
+  size_t bytes;  // total used
+
+  static GroupArgs carve(void* workspace, int groups, int sm_count) {
+    auto round = [](size_t n) { return (n + 127) / 128 * 128; };
+    char* base = static_cast<char*>(workspace);
+    GroupArgs g{};
+    size_t at = 0;
+    auto take = [&](size_t n) {
+      char* p = base + at;
+      at += round(n);
+      return p;
+    };
+    const size_t n = static_cast<size_t>(groups);
+    g.cutlass_workspace = take(cutlass_workspace_bound(sm_count));
+    g.a = reinterpret_cast<const Element**>(take(n * sizeof(void*)));
+    g.b = reinterpret_cast<const Element**>(take(n * sizeof(void*)));
+    g.d = reinterpret_cast<Element**>(take(n * sizeof(void*)));
+    g.stride_a = reinterpret_cast<typename K::StrideA*>(take(n * sizeof(typename K::StrideA)));
+    g.stride_b = reinterpret_cast<typename K::StrideB*>(take(n * sizeof(typename K::StrideB)));
+    g.stride_d = reinterpret_cast<typename K::StrideD*>(take(n * sizeof(typename K::StrideD)));
+    g.shapes = reinterpret_cast<GroupShape*>(take(n * sizeof(GroupShape)));
+    g.bytes = at;
+    return g;
+  }
+};
+
+// Forward/dgrad: group e multiplies rows [start, end) of a by b[e].
+template <class K>
+__global__ void prepare_grouped_mm(GroupedMm<__nv_bfloat16> p, GroupArgs<K> g) {
+  const auto* a = reinterpret_cast<const Element*>(p.a);
+  const auto* b = reinterpret_cast<const Element*>(p.b);
+  auto* out = reinterpret_cast<Element*>(p.out);
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < p.groups; e += gridDim.x * blockDim.x) {
+    const RowRange r = group_rows(p.offsets, e, p.rows);
+    g.shapes[e] = GroupShape(static_cast<int>(r.size()), static_cast<int>(p.m), static_cast<int>(p.k));
+    g.a[e] = a + r.start * p.k;
+    g.b[e] = b + static_cast<int64_t>(e) * p.k * p.m;
+    g.d[e] = out + r.start * p.m;
+    g.stride_a[e] = leading_stride<typename K::StrideA>(p.k);
+    // b[e] viewed as CUTLASS's (N, K): row-major [K, M] has leading dimension M along K;
+    // the transposed view (memory [M, K]) has leading dimension K along N.
+    g.stride_b[e] = leading_stride<typename K::StrideB>(p.b_layout == BLayout::kRowMajor ? p.m : p.k);
+    g.stride_d[e] = leading_stride<typename K::StrideD>(p.m);
+  }
+}
+
+// Weight gradient: group e computes a_e^T b_e, an (k x m) GEMM over the group's rows (its K).
+// Empty groups get M = 0 (no tiles); zero_empty_groups writes their zeros.
+template <class K>
+__global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupArgs<K> g) {
+  const auto* a = reinterpret_cast<const Element*>(p.a);
+  const auto* b = reinterpret_cast<const Element*>(p.b);
+  auto* out = reinterpret_cast<Element*>(p.out);
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < p.groups; e += gridDim.x * blockDim.x) {
+    const RowRange r = group_rows(p.offsets, e, p.rows);
+    const int rows = static_cast<int>(r.size());
+    g.shapes[e] = GroupShape(rows > 0 ? static_cast<int>(p.k) : 0, static_cast<int>(p.m), rows);
+    g.a[e] = a + r.start * p.k;  // column-major (k x rows): leading dimension k
+    g.b[e] = b + r.start * p.m;  // (m x rows) with m fastest: leading dimension m
+    g.d[e] = out + static_cast<int64_t>(e) * p.k * p.m;
+    g.stride_a[e] = leading_stride<typename K::StrideA>(p.k);
+    g.stride_b[e] = leading_stride<typename K::StrideB>(p.m);
+    g.stride_d[e] = leading_stride<typename K::StrideD>(p.m);
+  }
+}
+
+template <class K>
+cudaError_t launch(int groups, const GroupArgs<K>& g, int sm_count, size_t workspace_bytes, cudaStream_t stream) {
+  using Gemm = typename K::Gemm;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+  args.problem_shape = {groups, g.shapes, nullptr};  // shapes live on the device only
+  args.mainloop = {g.a, g.stride_a, g.b, g.stride_b};
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.ptr_D = g.d;
+  args.epilogue.dD = g.stride_d;
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  int device = 0;
+  FOMOE_RETURN_IF_ERROR(cudaGetDevice(&device));
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+  if (g.bytes > workspace_bytes || Gemm::get_workspace_size(args) > cutlass_workspace_bound(sm_count))
+    return cudaErrorInvalidValue;
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (gemm.initialize(args, g.cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+  }
+  return last_launch_error();
+}
+
+inline unsigned prepare_blocks(int groups) { return static_cast<unsigned>((groups + 127) / 128); }
+
+template <Sm90Tile kTile, BLayout kLayout>
+cudaError_t run_grouped_mm(const GroupedMm<__nv_bfloat16>& p, int sm_count, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  using LayoutB = std::conditional_t<kLayout == BLayout::kRowMajor, cutlass::layout::RowMajor,
+                                     cutlass::layout::ColumnMajor>;
+  using K = Kernel<kTile, cutlass::layout::RowMajor, LayoutB>;
+  if (p.groups == 0 || p.rows == 0 || p.m == 0) return cudaSuccess;
+  if (p.b_layout != kLayout) return cudaErrorInvalidValue;
+  const auto g = GroupArgs<K>::carve(workspace, p.groups, sm_count);
+  if (g.bytes > workspace_bytes) return cudaErrorInvalidValue;
+  prepare_grouped_mm<K><<<prepare_blocks(p.groups), 128, 0, stream>>>(p, g);
+  FOMOE_RETURN_IF_ERROR(last_launch_error());
+  return launch<K>(p.groups, g, sm_count, workspace_bytes, stream);
+}
+
+template <Sm90Tile kTile>
+cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, int sm_count, void* workspace,
+                                 size_t workspace_bytes, cudaStream_t stream) {
+  using K = Kernel<kTile, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  if (p.groups == 0 || p.k == 0 || p.m == 0) return cudaSuccess;
+  const auto g = GroupArgs<K>::carve(workspace, p.groups, sm_count);
+  if (g.bytes > workspace_bytes) return cudaErrorInvalidValue;
+  prepare_grouped_mm_wgrad<K><<<prepare_blocks(p.groups), 128, 0, stream>>>(p, g);
+  FOMOE_RETURN_IF_ERROR(last_launch_error());
+  return launch<K>(p.groups, g, sm_count, workspace_bytes, stream);
+}
+
+}  // namespace fomoe::cuda::gemm::sm90
+
+#define FOMOE_SM90_GROUPED_MM(TILE, LAYOUT)                                                                    \
+  template cudaError_t fomoe::cuda::gemm::sm90::run_grouped_mm<fomoe::cuda::gemm::Sm90Tile::TILE,               \
+                                                               fomoe::cuda::gemm::BLayout::LAYOUT>(             \
+      const fomoe::cuda::gemm::GroupedMm<__nv_bfloat16>&, int, void*, size_t, cudaStream_t);
+#define FOMOE_SM90_GROUPED_MM_WGRAD(TILE)                                                                      \
+  template cudaError_t fomoe::cuda::gemm::sm90::run_grouped_mm_wgrad<fomoe::cuda::gemm::Sm90Tile::TILE>(        \
+      const fomoe::cuda::gemm::GroupedMmWgrad<__nv_bfloat16>&, int, void*, size_t, cudaStream_t);
