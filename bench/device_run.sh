@@ -9,6 +9,8 @@
 #   tests[=PATHS]       pytest the GPU tests (default: everything marked 'cuda')
 #   bench[=SCRIPTS]     run bench/bench_*.py (or the named scripts), each writing OUTDIR/<name>.json
 #   sanitizer           compute-sanitizer memcheck + racecheck over bench/sanitize_cases.py
+#   diagnose            toolchain facts, and bad-input errors each in its own process (a crash
+#                       there gets a native backtrace from cuda-gdb)
 # Wheels in .whl/ (packages the GPU image lacks) are installed to /tmp/site first.
 set -uo pipefail
 OUT_DIR=${1:?usage: bench/device_run.sh OUTDIR [STEP ...]}
@@ -68,6 +70,19 @@ for step in "${STEPS[@]}"; do
         echo "$tool: exit $rc"; tail -5 "$OUT_DIR/sanitizer-$tool.log"
         [ "$rc" -ne 0 ] && status=1
       done
+      ;;
+    diagnose)
+      echo "== diagnose"
+      { c++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1
+        $PY -c "import torch; print('torch', torch.__version__, 'cxx11 abi', torch.compiled_with_cxx11_abi())"
+        so=$(ls fomoe/_C*.so 2>/dev/null | head -1); [ -n "$so" ] && ldd "$so" | grep -E "stdc|c10|torch|nccl|cuda"
+        $PY -c "import fomoe, os; print([l.split()[-1] for l in open('/proc/self/maps') if 'stdc++' in l][:1])"
+      } 2>&1 | tee -a "$OUT_DIR/diagnose.log"
+      $PY bench/diagnose_errors.py 2>&1 | tee -a "$OUT_DIR/diagnose.log"
+      if [ "${PIPESTATUS[0]}" -ne 0 ] && command -v cuda-gdb > /dev/null; then
+        cuda-gdb -batch -ex run -ex bt --args $PY -c "import torch, fomoe; fomoe.ops.route(torch.randn(4, 3), 0)" \
+          2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40 | tee -a "$OUT_DIR/diagnose.log"
+      fi
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
