@@ -5,7 +5,8 @@
 #   bench/device_run.sh OUTDIR [STEP ...]
 #
 # STEPs (default: build tests bench):
-#   build               pip install --no-build-isolation -e . with CUDA (FOMOE_CUDA=1)
+#   build[=REGEX]       pip install --no-build-isolation -e . with CUDA (FOMOE_CUDA=1); if that
+#                       fails and REGEX is given, retry building only the CUDA files it matches
 #   tests[=PATHS]       pytest the GPU tests (default: everything marked 'cuda')
 #   bench[=SCRIPTS]     run bench/bench_*.py (or the named scripts), each writing OUTDIR/<name>.json
 #   sanitizer           compute-sanitizer memcheck + racecheck over bench/sanitize_cases.py
@@ -39,17 +40,27 @@ for step in "${STEPS[@]}"; do
       echo "== build"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
       start=$(date +%s)
-      FOMOE_CUDA=1 FOMOE_BUILD_JOBS=${FOMOE_BUILD_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . \
-        > "$OUT_DIR/build.log" 2>&1 || { echo "BUILD FAILED"; tail -60 "$OUT_DIR/build.log"; exit 1; }
+      if ! FOMOE_CUDA=1 FOMOE_BUILD_JOBS=${FOMOE_BUILD_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . \
+        > "$OUT_DIR/build.log" 2>&1; then
+        echo "BUILD FAILED"; grep -E "error|Error" "$OUT_DIR/build.log" | head -30
+        [ -n "${arg}" ] || exit 1
+        # build=REGEX: retry with only the kernel families REGEX selects, so the rest still runs.
+        echo "retrying with FOMOE_CUDA_SOURCES='$arg'"; status=1
+        FOMOE_CUDA_SOURCES="$arg" FOMOE_CUDA=1 FOMOE_BUILD_JOBS=${FOMOE_BUILD_JOBS:-16} \
+          $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT_DIR/build-retry.log" 2>&1 \
+          || { echo "RETRY FAILED"; tail -40 "$OUT_DIR/build-retry.log"; exit 1; }
+      fi
       echo "built in $(( $(date +%s) - start )) s"
       $PY -c "import fomoe, torch; print('fomoe', fomoe.__version__, 'cuda kernels:', fomoe.WITH_CUDA, 'fallbacks:', fomoe.ops.reference_fallbacks(), 'torch', torch.__version__)"
       ;;
     tests)
       echo "== tests ${arg:-(-m cuda)}"
+      # Parallel workers when pytest-xdist is there: faster, and a crashing test loses one worker, not the run.
+      xdist=""; $PY -c "import xdist" 2> /dev/null && xdist="-n ${FOMOE_TEST_WORKERS:-4}"
       if [ -n "$arg" ]; then
-        $PY -m pytest -q -rs ${arg//,/ } 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
+        $PY -m pytest -q -rs $xdist ${arg//,/ } 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
       else
-        $PY -m pytest -q -rs -m cuda tests 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
+        $PY -m pytest -q -rs $xdist -m cuda tests 2>&1 | tee -a "$OUT_DIR/tests.log" | tail -40; rc=${PIPESTATUS[0]}
       fi
       [ "$rc" -ne 0 ] && status=1
       ;;
