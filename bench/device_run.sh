@@ -91,6 +91,7 @@ for step in "${STEPS[@]}"; do
       } 2>&1 | tee -a "$OUT_DIR/diagnose.log"
       $PY bench/diagnose_errors.py 2>&1 | tee -a "$OUT_DIR/diagnose.log"
       if [ "${PIPESTATUS[0]}" -ne 0 ] && command -v cuda-gdb > /dev/null; then
+        $PY bench/toolchain_probe.py 2>&1 | tee -a "$OUT_DIR/diagnose.log"
         cuda-gdb -batch -ex run -ex bt --args $PY -c "import torch, fomoe; fomoe.ops.route(torch.randn(4, 3), 0)" \
           2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -40 | tee -a "$OUT_DIR/diagnose.log"
       fi
