@@ -8,6 +8,50 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace fomoe {
+
+// Error messages are assembled without iostreams. Streaming an integer from an extension's own
+// translation unit (what TORCH_CHECK's c10::str does) was seen to segfault with some toolchains
+// (Ubuntu 24.04 gcc 13.3 + torch 2.11 cu130: any extension, even a minimal one, crashed raising
+// TORCH_CHECK(false, "n=", 42)), turning a clear error into a crash. FOMOE_CHECK formats numbers
+// with std::to_string and shapes by hand instead; its arguments are only evaluated on failure.
+namespace detail {
+inline void append(std::string& out, const char* s) { out += s; }
+inline void append(std::string& out, const std::string& s) { out += s; }
+inline void append(std::string& out, std::string_view s) { out.append(s.data(), s.size()); }
+inline void append(std::string& out, char c) { out += c; }
+inline void append(std::string& out, bool b) { out += b ? "true" : "false"; }
+template <typename T>
+  requires(std::is_integral_v<T> || std::is_floating_point_v<T>)
+inline void append(std::string& out, T v) {
+  out += std::to_string(v);
+}
+inline void append(std::string& out, c10::ArrayRef<int64_t> values) {
+  out += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(values[i]);
+  }
+  out += ']';
+}
+inline void append(std::string& out, at::ScalarType t) { out += c10::toString(t); }
+inline void append(std::string& out, const c10::Device& d) { out += d.str(); }
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (detail::append(out, args), ...);
+  return out;
+}
+
+}  // namespace fomoe
+
+#define FOMOE_CHECK(cond, ...) TORCH_CHECK(cond, ::fomoe::message(__VA_ARGS__))
 
 namespace fomoe {
 
@@ -16,7 +60,7 @@ enum class Score { Softmax, Sigmoid };
 inline Score parse_score(c10::string_view score) {
   if (score == "softmax") return Score::Softmax;
   if (score == "sigmoid") return Score::Sigmoid;
-  TORCH_CHECK(false, "fomoe: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+  FOMOE_CHECK(false, "fomoe: score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
 }
 
 inline bool is_float_dtype(at::ScalarType t) {
@@ -29,56 +73,56 @@ inline at::ScalarType accum_dtype(at::ScalarType t) {
 }
 
 inline void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "fomoe.", op, ": ", name, " is on ", t.device(),
+  FOMOE_CHECK(t.device() == ref.device(), "fomoe.", op, ": ", name, " is on ", t.device(),
               " but the other inputs are on ", ref.device());
 }
 
 inline void check_route(const at::Tensor& logits, int64_t top_k) {
-  TORCH_CHECK(logits.dim() == 2, "fomoe.route: logits must be 2-D [tokens, experts], got shape ", logits.sizes());
-  TORCH_CHECK(is_float_dtype(logits.scalar_type()), "fomoe.route: logits must be a floating dtype, got ",
+  FOMOE_CHECK(logits.dim() == 2, "fomoe.route: logits must be 2-D [tokens, experts], got shape ", logits.sizes());
+  FOMOE_CHECK(is_float_dtype(logits.scalar_type()), "fomoe.route: logits must be a floating dtype, got ",
               logits.scalar_type());
   const int64_t E = logits.size(1);
-  TORCH_CHECK(E >= 1, "fomoe.route: logits have no experts (size(1) == 0)");
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "fomoe.route: top_k must be in [1, num_experts=", E, "], got ", top_k);
+  FOMOE_CHECK(E >= 1, "fomoe.route: logits have no experts (size(1) == 0)");
+  FOMOE_CHECK(top_k >= 1 && top_k <= E, "fomoe.route: top_k must be in [1, num_experts=", E, "], got ", top_k);
 }
 
 inline void check_route_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
                                  const at::Tensor& weights, const at::Tensor& ids) {
   check_route(logits, ids.dim() == 2 ? ids.size(1) : 1);
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == logits.size(0), "fomoe.route_backward: ids must be [T, k]");
-  TORCH_CHECK(ids.scalar_type() == at::kInt, "fomoe.route_backward: ids must be int32");
-  TORCH_CHECK(weights.sizes() == ids.sizes() && grad_weights.sizes() == ids.sizes(),
+  FOMOE_CHECK(ids.dim() == 2 && ids.size(0) == logits.size(0), "fomoe.route_backward: ids must be [T, k]");
+  FOMOE_CHECK(ids.scalar_type() == at::kInt, "fomoe.route_backward: ids must be int32");
+  FOMOE_CHECK(weights.sizes() == ids.sizes() && grad_weights.sizes() == ids.sizes(),
               "fomoe.route_backward: weights and grad_weights must match ids' shape ", ids.sizes());
   for (const auto* t : {&grad_weights, &weights, &ids}) check_same_device("route_backward", logits, *t, "an input");
 }
 
 inline void check_dispatch(const at::Tensor& ids, const at::Tensor& resident_map, int64_t num_local) {
-  TORCH_CHECK(ids.dim() == 2, "fomoe.dispatch: ids must be 2-D [tokens, top_k], got shape ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kInt, "fomoe.dispatch: ids must be int32, got ", ids.scalar_type());
-  TORCH_CHECK(resident_map.dim() == 1 && resident_map.size(0) >= 1,
+  FOMOE_CHECK(ids.dim() == 2, "fomoe.dispatch: ids must be 2-D [tokens, top_k], got shape ", ids.sizes());
+  FOMOE_CHECK(ids.scalar_type() == at::kInt, "fomoe.dispatch: ids must be int32, got ", ids.scalar_type());
+  FOMOE_CHECK(resident_map.dim() == 1 && resident_map.size(0) >= 1,
               "fomoe.dispatch: resident_map must be 1-D [num_experts], got shape ", resident_map.sizes());
-  TORCH_CHECK(resident_map.scalar_type() == at::kInt, "fomoe.dispatch: resident_map must be int32, got ",
+  FOMOE_CHECK(resident_map.scalar_type() == at::kInt, "fomoe.dispatch: resident_map must be int32, got ",
               resident_map.scalar_type());
-  TORCH_CHECK(num_local >= 0 && num_local <= resident_map.size(0),
+  FOMOE_CHECK(num_local >= 0 && num_local <= resident_map.size(0),
               "fomoe.dispatch: num_local must be in [0, num_experts=", resident_map.size(0), "], got ", num_local);
-  TORCH_CHECK(ids.numel() < (int64_t{1} << 31), "fomoe.dispatch: at most 2^31-1 assignments per call");
+  FOMOE_CHECK(ids.numel() < (int64_t{1} << 31), "fomoe.dispatch: at most 2^31-1 assignments per call");
   check_same_device("dispatch", ids, resident_map, "resident_map");
 }
 
 // permutation [T*k] int32 and inverse [T, k] int32, consistent with each other.
 inline void check_routing_tables(const char* op, const at::Tensor& permutation, const at::Tensor& inverse) {
-  TORCH_CHECK(inverse.dim() == 2, "fomoe.", op, ": inverse must be 2-D [tokens, top_k], got shape ", inverse.sizes());
-  TORCH_CHECK(permutation.dim() == 1 && permutation.size(0) == inverse.numel(), "fomoe.", op,
+  FOMOE_CHECK(inverse.dim() == 2, "fomoe.", op, ": inverse must be 2-D [tokens, top_k], got shape ", inverse.sizes());
+  FOMOE_CHECK(permutation.dim() == 1 && permutation.size(0) == inverse.numel(), "fomoe.", op,
               ": permutation must be 1-D of size tokens*top_k=", inverse.numel(), ", got shape ", permutation.sizes());
-  TORCH_CHECK(permutation.scalar_type() == at::kInt && inverse.scalar_type() == at::kInt, "fomoe.", op,
+  FOMOE_CHECK(permutation.scalar_type() == at::kInt && inverse.scalar_type() == at::kInt, "fomoe.", op,
               ": permutation and inverse must be int32 (as returned by fomoe.dispatch)");
   check_same_device(op, inverse, permutation, "permutation");
 }
 
 inline void check_gate(const char* op, const at::Tensor& gate, const at::Tensor& inverse, const at::Tensor& act) {
-  TORCH_CHECK(gate.sizes() == inverse.sizes(), "fomoe.", op, ": gate weights must be [tokens, top_k]=",
+  FOMOE_CHECK(gate.sizes() == inverse.sizes(), "fomoe.", op, ": gate weights must be [tokens, top_k]=",
               inverse.sizes(), ", got ", gate.sizes());
-  TORCH_CHECK(is_float_dtype(gate.scalar_type()), "fomoe.", op, ": gate weights must be floating, got ",
+  FOMOE_CHECK(is_float_dtype(gate.scalar_type()), "fomoe.", op, ": gate weights must be floating, got ",
               gate.scalar_type());
   check_same_device(op, act, gate, "gate");
 }
@@ -86,9 +130,9 @@ inline void check_gate(const char* op, const at::Tensor& gate, const at::Tensor&
 inline void check_gather(const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& inverse,
                          const std::optional<at::Tensor>& scale) {
   check_routing_tables("gather", permutation, inverse);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == inverse.size(0), "fomoe.gather: x must be [tokens=", inverse.size(0),
+  FOMOE_CHECK(x.dim() == 2 && x.size(0) == inverse.size(0), "fomoe.gather: x must be [tokens=", inverse.size(0),
               ", d], got shape ", x.sizes());
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), "fomoe.gather: x must be floating, got ", x.scalar_type());
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()), "fomoe.gather: x must be floating, got ", x.scalar_type());
   check_same_device("gather", x, permutation, "permutation");
   if (scale) check_gate("gather", *scale, inverse, x);
 }
@@ -96,20 +140,20 @@ inline void check_gather(const at::Tensor& x, const at::Tensor& permutation, con
 inline void check_combine(const at::Tensor& rows, const at::Tensor& permutation, const at::Tensor& inverse,
                           const std::optional<at::Tensor>& gate) {
   check_routing_tables("combine", permutation, inverse);
-  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == permutation.size(0), "fomoe.combine: rows must be [tokens*top_k=",
+  FOMOE_CHECK(rows.dim() == 2 && rows.size(0) == permutation.size(0), "fomoe.combine: rows must be [tokens*top_k=",
               permutation.size(0), ", d], got shape ", rows.sizes());
-  TORCH_CHECK(is_float_dtype(rows.scalar_type()), "fomoe.combine: rows must be floating, got ", rows.scalar_type());
+  FOMOE_CHECK(is_float_dtype(rows.scalar_type()), "fomoe.combine: rows must be floating, got ", rows.scalar_type());
   check_same_device("combine", rows, permutation, "permutation");
   if (gate) check_gate("combine", *gate, inverse, rows);
 }
 
 inline void check_combine_gate_grad(const at::Tensor& grad_out, const at::Tensor& rows, const at::Tensor& inverse) {
-  TORCH_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && inverse.dim() == 2 && grad_out.size(0) == inverse.size(0) &&
+  FOMOE_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && inverse.dim() == 2 && grad_out.size(0) == inverse.size(0) &&
                   grad_out.size(1) == rows.size(1),
               "fomoe.combine_gate_grad: want grad_out [T, d], rows [N, d], inverse [T, k]; got ", grad_out.sizes(), ", ",
               rows.sizes(), ", ", inverse.sizes());
-  TORCH_CHECK(inverse.scalar_type() == at::kInt, "fomoe.combine_gate_grad: inverse must be int32");
-  TORCH_CHECK(is_float_dtype(rows.scalar_type()) && is_float_dtype(grad_out.scalar_type()),
+  FOMOE_CHECK(inverse.scalar_type() == at::kInt, "fomoe.combine_gate_grad: inverse must be int32");
+  FOMOE_CHECK(is_float_dtype(rows.scalar_type()) && is_float_dtype(grad_out.scalar_type()),
               "fomoe.combine_gate_grad: grad_out and rows must be floating, got ", grad_out.scalar_type(), " and ",
               rows.scalar_type());
   check_same_device("combine_gate_grad", rows, grad_out, "grad_out");
@@ -117,32 +161,32 @@ inline void check_combine_gate_grad(const at::Tensor& grad_out, const at::Tensor
 }
 
 inline void check_offsets(const char* op, const at::Tensor& offsets, int64_t num_groups, const at::Tensor& ref) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == num_groups + 1, "fomoe.", op,
+  FOMOE_CHECK(offsets.dim() == 1 && offsets.size(0) == num_groups + 1, "fomoe.", op,
               ": offsets must be 1-D [num_experts+1=", num_groups + 1, "] (as returned by fomoe.dispatch), got shape ",
               offsets.sizes());
-  TORCH_CHECK(offsets.scalar_type() == at::kInt, "fomoe.", op, ": offsets must be int32, got ", offsets.scalar_type());
+  FOMOE_CHECK(offsets.scalar_type() == at::kInt, "fomoe.", op, ": offsets must be int32, got ", offsets.scalar_type());
   check_same_device(op, ref, offsets, "offsets");
 }
 
 inline void check_grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  TORCH_CHECK(a.dim() == 2, "fomoe.grouped_mm: a must be 2-D [rows, K], got shape ", a.sizes());
-  TORCH_CHECK(b.dim() == 3, "fomoe.grouped_mm: b must be 3-D [experts, K, M], got shape ", b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), "fomoe.grouped_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
-  TORCH_CHECK(is_float_dtype(a.scalar_type()) && a.scalar_type() == b.scalar_type(),
+  FOMOE_CHECK(a.dim() == 2, "fomoe.grouped_mm: a must be 2-D [rows, K], got shape ", a.sizes());
+  FOMOE_CHECK(b.dim() == 3, "fomoe.grouped_mm: b must be 3-D [experts, K, M], got shape ", b.sizes());
+  FOMOE_CHECK(a.size(1) == b.size(1), "fomoe.grouped_mm: inner sizes differ: a is ", a.sizes(), ", b is ", b.sizes());
+  FOMOE_CHECK(is_float_dtype(a.scalar_type()) && a.scalar_type() == b.scalar_type(),
               "fomoe.grouped_mm: a and b must share one floating dtype, got ", a.scalar_type(), " and ", b.scalar_type());
   check_same_device("grouped_mm", a, b, "b");
   check_offsets("grouped_mm", offsets, b.size(0), a);
 }
 
 inline void check_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+  FOMOE_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
               "fomoe.grouped_mm_wgrad: a [rows, K] and b [rows, M] must share their rows, got ", a.sizes(), " and ",
               b.sizes());
-  TORCH_CHECK(is_float_dtype(a.scalar_type()) && a.scalar_type() == b.scalar_type(),
+  FOMOE_CHECK(is_float_dtype(a.scalar_type()) && a.scalar_type() == b.scalar_type(),
               "fomoe.grouped_mm_wgrad: a and b must share one floating dtype, got ", a.scalar_type(), " and ",
               b.scalar_type());
   check_same_device("grouped_mm_wgrad", a, b, "b");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, "fomoe.grouped_mm_wgrad: offsets must be 1-D [experts+1]");
+  FOMOE_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, "fomoe.grouped_mm_wgrad: offsets must be 1-D [experts+1]");
   check_offsets("grouped_mm_wgrad", offsets, offsets.size(0) - 1, a);
 }
 
@@ -151,15 +195,15 @@ inline void check_expert_ffn(const at::Tensor& x, const at::Tensor& permutation,
                              const at::Tensor& gate) {
   const char* op = "expert_ffn";
   check_routing_tables(op, permutation, inverse);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == inverse.size(0), "fomoe.expert_ffn: x must be [tokens=", inverse.size(0),
+  FOMOE_CHECK(x.dim() == 2 && x.size(0) == inverse.size(0), "fomoe.expert_ffn: x must be [tokens=", inverse.size(0),
               ", d_model], got shape ", x.sizes());
-  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "fomoe.expert_ffn: w13 must be [experts, d_model, 2*d_ff] and w2 "
+  FOMOE_CHECK(w13.dim() == 3 && w2.dim() == 3, "fomoe.expert_ffn: w13 must be [experts, d_model, 2*d_ff] and w2 "
               "[experts, d_ff, d_model], got ", w13.sizes(), " and ", w2.sizes());
   const int64_t E = w13.size(0), d = x.size(1), f = w2.size(1);
-  TORCH_CHECK(w2.size(0) == E && w13.size(1) == d && w13.size(2) == 2 * f && w2.size(2) == d,
+  FOMOE_CHECK(w2.size(0) == E && w13.size(1) == d && w13.size(2) == 2 * f && w2.size(2) == d,
               "fomoe.expert_ffn: inconsistent shapes: x ", x.sizes(), ", w13 ", w13.sizes(), ", w2 ", w2.sizes(),
               " (want w13 [E, d, 2*f] and w2 [E, f, d])");
-  TORCH_CHECK(is_float_dtype(x.scalar_type()) && x.scalar_type() == w13.scalar_type() &&
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()) && x.scalar_type() == w13.scalar_type() &&
                   x.scalar_type() == w2.scalar_type(),
               "fomoe.expert_ffn: x, w13 and w2 must share one floating dtype, got ", x.scalar_type(), ", ",
               w13.scalar_type(), ", ", w2.scalar_type(), " (under torch.autocast fomoe casts them for you)");

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& id
   const int32_t* id = ids.data_ptr<int32_t>();
   const int32_t* slot_of = map.data_ptr<int32_t>();
   for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK(slot_of[e] >= -1 && slot_of[e] < num_local, "fomoe.dispatch: resident_map[", e, "] = ", slot_of[e],
+    FOMOE_CHECK(slot_of[e] >= -1 && slot_of[e] < num_local, "fomoe.dispatch: resident_map[", e, "] = ", slot_of[e],
                 " is not a local slot in [0, ", num_local, ") or -1");
 
   auto offsets = at::empty({num_local + 1}, ids.options());
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cpu(const at::Tensor& id
 
   std::vector<int32_t> cursor(num_local + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < E, "fomoe.dispatch: expert id ", id[i], " at assignment ", i,
+    FOMOE_CHECK(id[i] >= 0 && id[i] < E, "fomoe.dispatch: expert id ", id[i], " at assignment ", i,
                 " (token ", i / k, ") is out of range [0, ", E, ")");
     const int32_t slot = slot_of[id[i]];
     if (slot >= 0) ++cursor[slot + 1];

@@ -18,7 +18,7 @@ std::vector<int64_t> host_offsets(const char* op, const at::Tensor& offsets, int
   std::vector<int64_t> out(off.numel());
   for (int64_t i = 0; i < off.numel(); ++i) {
     out[i] = p[i];
-    TORCH_CHECK(out[i] >= 0 && out[i] <= rows && (i == 0 || out[i] >= out[i - 1]), "fomoe.", op,
+    FOMOE_CHECK(out[i] >= 0 && out[i] <= rows && (i == 0 || out[i] >= out[i - 1]), "fomoe.", op,
                 ": offsets must be non-decreasing within [0, ", rows, "], got offsets[", i, "] = ", out[i]);
   }
   return out;
@@ -28,7 +28,7 @@ void check_table_values(const char* op, const at::Tensor& table, int64_t limit) 
   const auto t = table.contiguous();
   const int32_t* p = t.data_ptr<int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i)
-    TORCH_CHECK(p[i] >= -1 && p[i] < limit, "fomoe.", op, ": routing table entry ", p[i], " at ", i,
+    FOMOE_CHECK(p[i] >= -1 && p[i] < limit, "fomoe.", op, ": routing table entry ", p[i], " at ", i,
                 " is outside [-1, ", limit, ") (use the tables fomoe.dispatch returns)");
 }
 
@@ -191,11 +191,11 @@ at::Tensor combine_cpu(const at::Tensor& rows, const at::Tensor& perm, const at:
 }
 
 at::Tensor combine_gate_grad_cpu(const at::Tensor& gy, const at::Tensor& rows, const at::Tensor& inv) {
-  TORCH_CHECK(gy.dim() == 2 && rows.dim() == 2 && inv.dim() == 2 && gy.size(0) == inv.size(0) &&
+  FOMOE_CHECK(gy.dim() == 2 && rows.dim() == 2 && inv.dim() == 2 && gy.size(0) == inv.size(0) &&
                   gy.size(1) == rows.size(1),
               "fomoe.combine_gate_grad: want grad_out [T, d], rows [N, d], inverse [T, k]; got ", gy.sizes(), ", ",
               rows.sizes(), ", ", inv.sizes());
-  TORCH_CHECK(inv.scalar_type() == at::kInt, "fomoe.combine_gate_grad: inverse must be int32");
+  FOMOE_CHECK(inv.scalar_type() == at::kInt, "fomoe.combine_gate_grad: inverse must be int32");
   check_table_values("combine_gate_grad", inv, rows.size(0));
   return combine_gate_grad_impl(gy, rows, inv);
 }
@@ -231,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& offsets,
     const at::Tensor& inv, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& gate, const at::Tensor& h) {
   check_expert_ffn(x, perm, offsets, inv, w13, w2, gate);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == perm.numel() && h.size(1) == w13.size(2),
+  FOMOE_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes());
+  FOMOE_CHECK(h.dim() == 2 && h.size(0) == perm.numel() && h.size(1) == w13.size(2),
               "fomoe.expert_ffn_backward: h must be the [T*k, 2*d_ff] tensor expert_ffn saved, got ", h.sizes());
   check_table_values("expert_ffn_backward", perm, inv.numel());
   check_table_values("expert_ffn_backward", inv, perm.numel());

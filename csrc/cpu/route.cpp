@@ -98,7 +98,7 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights_in, const at::Tenso
         const int32_t* idt = id + t * k;
         acc_t* gt = g + t * E;
         for (int64_t s = 0; s < k; ++s)
-          TORCH_CHECK(idt[s] >= 0 && idt[s] < E, "fomoe.route_backward: expert id ", idt[s], " out of range [0, ", E, ")");
+          FOMOE_CHECK(idt[s] >= 0 && idt[s] < E, "fomoe.route_backward: expert id ", idt[s], " out of range [0, ", E, ")");
         acc_t dot = 0;  // sum_s grad_w[s] * w[s]
         for (int64_t s = 0; s < k; ++s) dot += gwt[s] * wt[s];
         if (score == Score::Softmax && renormalize) {

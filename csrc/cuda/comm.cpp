@@ -21,6 +21,8 @@
 
 #include <nccl.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -74,8 +76,8 @@ int64_t g_next_handle = 1;
 std::shared_ptr<Communicator> get_comm(int64_t handle) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_comms.find(handle);
-  TORCH_CHECK(it != g_comms.end(), "fomoe NCCL: unknown communicator handle ", handle, " (destroyed?)");
-  TORCH_CHECK(!it->second->broken, "fomoe NCCL: communicator ", handle, " was aborted after an earlier error; "
+  FOMOE_CHECK(it != g_comms.end(), "fomoe NCCL: unknown communicator handle ", handle, " (destroyed?)");
+  FOMOE_CHECK(!it->second->broken, "fomoe NCCL: communicator ", handle, " was aborted after an earlier error; "
               "create a new one");
   return it->second;
 }
@@ -86,7 +88,7 @@ void finish(Communicator& c, ncclResult_t result, const char* what) {
   while (result == ncclInProgress) {
     if (std::chrono::steady_clock::now() > deadline) {
       c.broken = true;
-      TORCH_CHECK(false, "fomoe NCCL: ", what, " did not complete within ", c.timeout_s,
+      FOMOE_CHECK(false, "fomoe NCCL: ", what, " did not complete within ", c.timeout_s,
                   " s (a peer is missing or stuck); the communicator is aborted");
     }
     std::this_thread::sleep_for(std::chrono::microseconds(20));
@@ -97,7 +99,7 @@ void finish(Communicator& c, ncclResult_t result, const char* what) {
   if (result != ncclSuccess) {
     c.broken = true;
     const char* detail = c.comm != nullptr ? ncclGetLastError(c.comm) : "";
-    TORCH_CHECK(false, "fomoe NCCL: ", what, " failed: ", ncclGetErrorString(result),
+    FOMOE_CHECK(false, "fomoe NCCL: ", what, " failed: ", ncclGetErrorString(result),
                 (detail && *detail) ? " (" : "", detail ? detail : "", (detail && *detail) ? ")" : "");
   }
 }
@@ -108,7 +110,7 @@ void record_then_wait(cudaEvent_t event, cudaStream_t signaler, cudaStream_t wai
 }
 
 void check_peer(const Communicator& c, int64_t peer, const char* what) {
-  TORCH_CHECK(peer >= 0 && peer < c.world_size, "fomoe NCCL: ", what, " rank ", peer, " out of range for ",
+  FOMOE_CHECK(peer >= 0 && peer < c.world_size, "fomoe NCCL: ", what, " rank ", peer, " out of range for ",
               c.world_size, " ranks");
 }
 
@@ -133,27 +135,27 @@ std::pair<int64_t, int64_t> send_recv_bytes(Communicator& c, const void* send, i
 
 std::vector<int64_t> nccl_version() {
   int runtime = 0;
-  TORCH_CHECK(ncclGetVersion(&runtime) == ncclSuccess, "fomoe NCCL: ncclGetVersion failed");
+  FOMOE_CHECK(ncclGetVersion(&runtime) == ncclSuccess, "fomoe NCCL: ncclGetVersion failed");
   return {runtime, NCCL_VERSION_CODE};
 }
 
 at::Tensor nccl_unique_id() {
   ncclUniqueId id;
   const ncclResult_t r = ncclGetUniqueId(&id);
-  TORCH_CHECK(r == ncclSuccess, "fomoe NCCL: ncclGetUniqueId failed: ", ncclGetErrorString(r));
+  FOMOE_CHECK(r == ncclSuccess, "fomoe NCCL: ncclGetUniqueId failed: ", ncclGetErrorString(r));
   at::Tensor out = at::empty({NCCL_UNIQUE_ID_BYTES}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(out.data_ptr<uint8_t>(), id.internal, NCCL_UNIQUE_ID_BYTES);
   return out;
 }
 
 int64_t nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_size, int64_t device, double timeout_s) {
-  TORCH_CHECK(unique_id.device().is_cpu() && unique_id.scalar_type() == at::kByte &&
+  FOMOE_CHECK(unique_id.device().is_cpu() && unique_id.scalar_type() == at::kByte &&
                   unique_id.numel() == NCCL_UNIQUE_ID_BYTES && unique_id.is_contiguous(),
               "fomoe NCCL: unique_id must be a contiguous CPU uint8 tensor of ", NCCL_UNIQUE_ID_BYTES, " bytes");
-  TORCH_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "fomoe NCCL: rank ", rank,
+  FOMOE_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "fomoe NCCL: rank ", rank,
               " out of range for world size ", world_size);
-  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "fomoe NCCL: no CUDA device ", device);
-  TORCH_CHECK(timeout_s > 0, "fomoe NCCL: timeout must be positive");
+  FOMOE_CHECK(device >= 0 && device < c10::cuda::device_count(), "fomoe NCCL: no CUDA device ", device);
+  FOMOE_CHECK(timeout_s > 0, "fomoe NCCL: timeout must be positive");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   ncclUniqueId id;
   std::memcpy(id.internal, unique_id.data_ptr<uint8_t>(), NCCL_UNIQUE_ID_BYTES);
@@ -166,7 +168,7 @@ int64_t nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_size,
   config.blocking = 0;
   const ncclResult_t r = ncclCommInitRankConfig(&c->comm, static_cast<int>(world_size), id, static_cast<int>(rank),
                                                 &config);
-  TORCH_CHECK(c->comm != nullptr || r == ncclSuccess, "fomoe NCCL: ncclCommInitRankConfig failed: ",
+  FOMOE_CHECK(c->comm != nullptr || r == ncclSuccess, "fomoe NCCL: ncclCommInitRankConfig failed: ",
               ncclGetErrorString(r));
   finish(*c, r, "communicator initialisation");
   C10_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
@@ -197,9 +199,9 @@ void nccl_destroy(int64_t handle) {
 // ---- point-to-point --------------------------------------------------------------------------------
 
 void check_buffer(const Communicator& c, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device().index() == c.device, "fomoe NCCL: ", name, " must be on cuda:", c.device,
+  FOMOE_CHECK(t.is_cuda() && t.device().index() == c.device, "fomoe NCCL: ", name, " must be on cuda:", c.device,
               " (the communicator's device), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "fomoe NCCL: ", name, " must be contiguous");
+  FOMOE_CHECK(t.is_contiguous(), "fomoe NCCL: ", name, " must be contiguous");
 }
 
 std::vector<int64_t> nccl_sendrecv(int64_t handle, const at::Tensor& send, int64_t dst, at::Tensor recv, int64_t src) {
@@ -235,14 +237,14 @@ std::vector<int64_t> nccl_ring_allreduce(int64_t handle, at::Tensor acc, const a
                                          int64_t prev, bool bf16_wire, int64_t slice_elems) {
   auto c = get_comm(handle);
   check_buffer(*c, acc, "buffer");
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.dim() == 1, "fomoe NCCL: the ring all-reduce sums a 1-D "
+  FOMOE_CHECK(acc.scalar_type() == at::kFloat && acc.dim() == 1, "fomoe NCCL: the ring all-reduce sums a 1-D "
               "fp32 buffer, got ", acc.scalar_type(), " of shape ", acc.sizes());
-  TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 && plan.size(1) == 4 &&
+  FOMOE_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 && plan.size(1) == 4 &&
                   plan.size(0) % 2 == 1 && plan.is_contiguous(),
               "fomoe NCCL: plan must be a contiguous CPU int64 [2*(n-1)+1, 4] table, got ", plan.sizes());
   check_peer(*c, next, "next");
   check_peer(*c, prev, "previous");
-  TORCH_CHECK(slice_elems >= 1, "fomoe NCCL: slice_elems must be >= 1");
+  FOMOE_CHECK(slice_elems >= 1, "fomoe NCCL: slice_elems must be >= 1");
   const int64_t numel = acc.numel();
   const int64_t steps = (plan.size(0) - 1) / 2;
   const int64_t* p = plan.data_ptr<int64_t>();
@@ -251,7 +253,7 @@ std::vector<int64_t> nccl_ring_allreduce(int64_t handle, at::Tensor acc, const a
   for (int64_t i = 0; i < plan.size(0); ++i) {
     for (int col = 0; col < 4; col += 2) {
       const int64_t start = row(i, col), len = row(i, col + 1);
-      TORCH_CHECK(start >= 0 && len >= 0 && start + len <= numel, "fomoe NCCL: plan row ", i, " names elements [",
+      FOMOE_CHECK(start >= 0 && len >= 0 && start + len <= numel, "fomoe NCCL: plan row ", i, " names elements [",
                   start, ", ", start + len, ") of a buffer of ", numel);
       max_len = std::max(max_len, len);
     }
@@ -350,9 +352,9 @@ std::vector<int64_t> nccl_ring_allreduce(int64_t handle, at::Tensor acc, const a
 // the device; returns the device copy and the number of blocks.
 std::pair<at::Tensor, int64_t> device_table(const char* op, const at::Tensor& bucket, const at::Tensor& table,
                                             int64_t num_expert_values, bool reads_b) {
-  TORCH_CHECK(bucket.is_cuda() && bucket.scalar_type() == at::kFloat && bucket.dim() == 1 && bucket.is_contiguous(),
+  FOMOE_CHECK(bucket.is_cuda() && bucket.scalar_type() == at::kFloat && bucket.dim() == 1 && bucket.is_contiguous(),
               "fomoe.", op, ": bucket must be a contiguous 1-D fp32 CUDA tensor");
-  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+  FOMOE_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
                   table.size(1) == 6 && table.is_contiguous(),
               "fomoe.", op, ": table must be a contiguous CPU int64 [segments, 6] tensor, got ", table.sizes());
   const int64_t S = table.size(0);
@@ -364,13 +366,13 @@ std::pair<at::Tensor, int64_t> device_table(const char* op, const at::Tensor& bu
   int64_t blocks = 0;
   for (int64_t s = 0; s < S; ++s) {
     const Segment& g = rows[s];
-    TORCH_CHECK(g.numel >= 0 && g.offset >= 0 && g.offset + g.numel <= bucket.numel(), "fomoe.", op, ": segment ",
+    FOMOE_CHECK(g.numel >= 0 && g.offset >= 0 && g.offset + g.numel <= bucket.numel(), "fomoe.", op, ": segment ",
                 s, " covers [", g.offset, ", ", g.offset + g.numel, ") of a bucket of ", bucket.numel());
-    TORCH_CHECK(g.numel == 0 || (g.a != 0 && (g.b != 0 || !reads_b)), "fomoe.", op,
+    FOMOE_CHECK(g.numel == 0 || (g.a != 0 && (g.b != 0 || !reads_b)), "fomoe.", op,
                 ": segment ", s, " has a null address");
-    TORCH_CHECK(g.b_dtype == int64_t(DType::kFloat32) || g.b_dtype == int64_t(DType::kBFloat16), "fomoe.", op,
+    FOMOE_CHECK(g.b_dtype == int64_t(DType::kFloat32) || g.b_dtype == int64_t(DType::kBFloat16), "fomoe.", op,
                 ": segment ", s, " has an unknown dtype code ", g.b_dtype);
-    TORCH_CHECK(g.expert < num_expert_values, "fomoe.", op, ": segment ", s, " names expert slot ", g.expert,
+    FOMOE_CHECK(g.expert < num_expert_values, "fomoe.", op, ": segment ", s, " names expert slot ", g.expert,
                 " but only ", num_expert_values, " per-expert values were given");
     prefix[s] = blocks;
     blocks += (g.numel + kElemsPerBlock - 1) / kElemsPerBlock;
@@ -381,7 +383,7 @@ std::pair<at::Tensor, int64_t> device_table(const char* op, const at::Tensor& bu
 
 void check_per_expert(const char* op, const at::Tensor& bucket, const std::optional<at::Tensor>& values) {
   if (!values) return;
-  TORCH_CHECK(values->device() == bucket.device() && values->scalar_type() == at::kFloat && values->dim() == 1 &&
+  FOMOE_CHECK(values->device() == bucket.device() && values->scalar_type() == at::kFloat && values->dim() == 1 &&
                   values->is_contiguous(),
               "fomoe.", op, ": per-expert values must be a contiguous 1-D fp32 tensor on ", bucket.device());
 }

@@ -31,7 +31,7 @@ routing::DType routing_dtype(at::ScalarType t) {
     case at::kDouble: return routing::DType::kFloat64;
     case at::kBFloat16: return routing::DType::kBFloat16;
     case at::kHalf: return routing::DType::kFloat16;
-    default: TORCH_CHECK(false, "fomoe.expert_ffn: unsupported dtype ", t);
+    default: FOMOE_CHECK(false, "fomoe.expert_ffn: unsupported dtype ", t);
   }
 }
 
@@ -120,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
     const at::Tensor& h) {
   const char* op = "expert_ffn_backward";
   check_expert_ffn(x, permutation, offsets, inverse, w13, w2, gate);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes(),
+  FOMOE_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes(),
               ", got ", grad_y.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == permutation.numel() && h.size(1) == w13.size(2) &&
+  FOMOE_CHECK(h.dim() == 2 && h.size(0) == permutation.numel() && h.size(1) == w13.size(2) &&
                   h.scalar_type() == x.scalar_type(),
               "fomoe.expert_ffn_backward: h must be the [T*k, 2*d_ff] tensor expert_ffn saved (dtype ",
               x.scalar_type(), "), got ", h.sizes(), " ", h.scalar_type());

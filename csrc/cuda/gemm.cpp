@@ -83,7 +83,7 @@ int sm_count() {
 }
 
 void check_int32_extent(const char* op, int64_t v, const char* what) {
-  TORCH_CHECK(v < (int64_t{1} << 31), "fomoe.", op, ": ", what, " = ", v, " exceeds the kernels' 2^31-1 limit");
+  FOMOE_CHECK(v < (int64_t{1} << 31), "fomoe.", op, ": ", what, " = ", v, " exceeds the kernels' 2^31-1 limit");
 }
 
 at::Tensor sm90_workspace(const at::Tensor& like, int groups) {
@@ -146,7 +146,7 @@ at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Te
   const int64_t rows = a.size(0), k = a.size(1), m = b.size(1), groups = offsets.size(0) - 1;
   for (auto [v, what] : {std::pair{rows, "rows"}, {k, "K"}, {m, "M"}, {groups, "experts"}})
     check_int32_extent(op, v, what);
-  TORCH_CHECK(groups <= 65535, "fomoe.", op, ": at most 65535 experts per call, got ", groups);
+  FOMOE_CHECK(groups <= 65535, "fomoe.", op, ": at most 65535 experts per call, got ", groups);
   auto out = at::empty({groups, k, m}, a.options());
   if (out.numel() == 0) return out;
   if (rows == 0) return out.zero_();

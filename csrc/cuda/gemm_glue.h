@@ -19,7 +19,7 @@ void with_cuda_dtype(at::ScalarType dtype, const char* op, F&& f) {
     case at::kDouble: f(double{}); break;
     case at::kHalf: f(__half{}); break;
     case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "fomoe.", op, ": unsupported dtype ", dtype);
+    default: FOMOE_CHECK(false, "fomoe.", op, ": unsupported dtype ", dtype);
   }
 }
 

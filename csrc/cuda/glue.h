@@ -14,11 +14,11 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 
 // Turns a kernel file's cudaError_t into a clear error naming the op.
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fomoe.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  FOMOE_CHECK(err == cudaSuccess, "fomoe.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 inline void check_cuda_tensor(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fomoe.", op, ": ", name, " must be a CUDA tensor");
+  FOMOE_CHECK(t.is_cuda(), "fomoe.", op, ": ", name, " must be a CUDA tensor");
 }
 
 }  // namespace fomoe::cuda

@@ -28,7 +28,7 @@ rt::DType routing_dtype(const char* op, at::ScalarType t) {
     case at::kDouble: return rt::DType::kFloat64;
     case at::kBFloat16: return rt::DType::kBFloat16;
     case at::kHalf: return rt::DType::kFloat16;
-    default: TORCH_CHECK(false, "fomoe.", op, ": unsupported dtype ", t, " (want float32, float64, bfloat16 or float16)");
+    default: FOMOE_CHECK(false, "fomoe.", op, ": unsupported dtype ", t, " (want float32, float64, bfloat16 or float16)");
   }
 }
 
@@ -59,7 +59,7 @@ class DeviceErrorCheck {
     if (bits & rt::kResidentMapOutOfRange) what << " a resident_map entry is not a local slot in [0, num_local) or -1;";
     if (bits & rt::kTableEntryOutOfRange)
       what << " a routing table entry is outside [-1, limit) (use the tables fomoe.dispatch returns);";
-    TORCH_CHECK(false, "fomoe.", op_, ":", what.str(), " (", limits, "; found on the device because FOMOE_VALIDATE=1)");
+    FOMOE_CHECK(false, "fomoe.", op_, ":", what.str(), " (", limits, "; found on the device because FOMOE_VALIDATE=1)");
   }
 
  private:
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_cuda(const at::Tensor& i
   check_dispatch(ids_in, map_in, num_local);
   const c10::cuda::CUDAGuard guard(ids_in.device());
   const int64_t max_local = rt::dispatch_max_local_experts();
-  TORCH_CHECK(num_local <= max_local, "fomoe.dispatch: at most ", max_local,
+  FOMOE_CHECK(num_local <= max_local, "fomoe.dispatch: at most ", max_local,
               " local experts per call on this GPU (shared-memory bound), got num_local=", num_local);
   const auto ids = ids_in.contiguous();
   const auto map = map_in.contiguous();
