@@ -7,6 +7,8 @@ the federation layer (placement, sync manager, transports) trains it across site
 from ._extension import WITH_CUDA  # noqa: F401  (loads the op library first)
 from . import ops  # noqa: F401  (fake kernels, autograd, fallbacks)
 from .layer import MoE, MoEConfig, RouterStats
+from .placement import Placement
+from .sync import SyncManager
 
 __version__ = "0.1.0"
-__all__ = ["MoE", "MoEConfig", "RouterStats", "ops", "WITH_CUDA", "__version__"]
+__all__ = ["MoE", "MoEConfig", "RouterStats", "Placement", "SyncManager", "ops", "WITH_CUDA", "__version__"]
