@@ -152,16 +152,6 @@ def _new_tap(router_cls: type[nn.Module]) -> nn.Module:
     return cls.__new__(cls)
 
 
-class MoEWithRouterLogits(MoE):
-    """``fomoe.MoE`` that also keeps the raw router logits of its last forward (HF's aux loss reads them)."""
-
-    router_logits: Tensor | None = None
-
-    def _record_stats(self, raw_logits: Tensor, logits: Tensor, ids: Tensor, offsets: Tensor) -> None:
-        self.router_logits = raw_logits
-        super()._record_stats(raw_logits, logits, ids, offsets)
-
-
 class ConvertedMoeBlock(nn.Module):
     """A Hugging Face sparse MoE block running on ``fomoe.MoE``; same inputs and outputs.
 
@@ -302,7 +292,8 @@ def _convert_block(name: str, block: nn.Module, adapter: BlockAdapter, router_cl
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from exc
     with torch.device(router_w.device):
-        moe = MoEWithRouterLogits(config)
+        moe = MoE(config)
+        moe.keep_router_logits = True  # HF's aux loss reads them
     held = moe.expert_ids.to(gate_up.device)
     with torch.no_grad():
         # HF [E, 2f, d] / [E, d, f] -> fomoe [E_local, d, 2f] / [E_local, f, d], resident experts only.

@@ -136,6 +136,10 @@ class MoE(nn.Module):
         self.partial = self.num_local < E
         self.aux_loss: Tensor | None = None
         self.stats: RouterStats | None = None
+        # Set True to keep the last forward's raw router logits [T, E] (fp32, differentiable) in
+        # ``router_logits``, e.g. for a host model's own auxiliary losses; off by default (memory).
+        self.keep_router_logits = False
+        self.router_logits: Tensor | None = None
         self.reset_parameters()
 
     # ---- parameters ------------------------------------------------------------------------
@@ -217,6 +221,8 @@ class MoE(nn.Module):
             gate = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
         y = ops.expert_ffn(xs, permutation, offsets, inverse, self.w13, self.w2, gate)
         self._record_stats(raw_logits, logits, ids, offsets)
+        if self.keep_router_logits:
+            self.router_logits = raw_logits
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _record_stats(self, raw_logits: Tensor, logits: Tensor, ids: Tensor, offsets: Tensor) -> None:
