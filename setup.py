@@ -11,6 +11,7 @@ otherwise a CPU-only extension is built. Environment knobs:
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-SUPPORTED_TORCH = ">=2.11,<2.15"
+SUPPORTED_TORCH = re.search(r'SUPPORTED_TORCH = "([^"]+)"', (ROOT / "fomoe" / "_extension.py").read_text()).group(1)
 
 
 class CMakeExtension(Extension):

@@ -7,6 +7,19 @@ import importlib
 import torch
 
 _REBUILD = "rebuild it from the source tree with: pip install --no-build-isolation -e ."
+# The torch releases fomoe builds and runs with (setup.py reads this line for install_requires).
+SUPPORTED_TORCH = ">=2.11,<2.15"
+
+
+def _release_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_supported(version: str) -> None:
+    lo, hi = (_release_tuple(b.lstrip("<>=")) for b in SUPPORTED_TORCH.split(","))
+    if not lo <= _release_tuple(version) < hi:
+        raise ImportError(f"fomoe supports torch {SUPPORTED_TORCH}, but torch {version} is installed")
 
 
 def _torch_release(version: str) -> str:
@@ -14,6 +27,7 @@ def _torch_release(version: str) -> str:
 
 
 def load():
+    check_supported(torch.__version__)
     try:
         info = importlib.import_module("fomoe._build_info")
     except ImportError as exc:

@@ -27,3 +27,13 @@ def test_every_op_has_a_cpu_kernel():
 @pytest.mark.skipif(fomoe.WITH_CUDA, reason="a CUDA build has CUDA kernels")
 def test_cpu_only_build_registers_reference_fallbacks_for_cuda():
     assert ops.reference_fallbacks() == sorted(ops.OP_NAMES)
+
+
+@pytest.mark.parametrize("version,ok", [("2.11.0", True), ("2.13.0+cpu", True), ("2.14.1", True),
+                                        ("2.10.2", False), ("2.15.0", False), ("3.0.0", False)])
+def test_supported_torch_range(version, ok):
+    if ok:
+        _extension.check_supported(version)
+    else:
+        with pytest.raises(ImportError, match="fomoe supports torch >=2.11,<2.15"):
+            _extension.check_supported(version)
