@@ -9,7 +9,10 @@ sub-communicators, so any holder set works without creating groups. The schedule
 - ``GlooTransport``: torch.distributed ``isend``/``irecv`` on CPU tensors (any backend's
   default group works; a gloo group is created if the default one is not gloo);
 - ``NcclTransport``: the extension's NCCL communicator (``ncclSend``/``ncclRecv`` in groups
-  over one communicator bootstrapped through torch.distributed's store) on CUDA tensors.
+  over one communicator bootstrapped through torch.distributed's store) on CUDA tensors;
+- ``fomoe.tcp.TcpTransport``: its own authenticated mesh of TCP connections on CPU tensors,
+  for runs across sites: it survives the loss of workers (``MembershipChange`` / ``recover``)
+  and carries the control plane below once it exists.
 
 Ring all-reduce of ``numel`` elements over ``n`` ranks: the buffer is cut into ``n`` chunks
 (sizes differ by at most one element, the larger ones first). Reduce-scatter: at step s
@@ -198,6 +201,31 @@ def error_feedback_(buf: Tensor, residual: Tensor | None, compression: str | Non
 
 # ---- transports -------------------------------------------------------------------------------
 
+class MembershipChange(RuntimeError):
+    """A collective was interrupted because the set of live workers changed (a worker was lost,
+    or a restarted one asked to join). ``ranks``: the ranks this worker saw change (may be empty
+    when the news came from a peer); ``reasons``: rank -> what was observed."""
+
+    def __init__(self, message: str, ranks=(), reasons: dict | None = None) -> None:
+        super().__init__(message)
+        self.ranks = tuple(sorted(ranks))
+        self.reasons = dict(reasons or {})
+
+
+class PeerLost(MembershipChange):
+    """One or more peers stopped responding or closed their connection."""
+
+
+class Excluded(RuntimeError):
+    """The other workers declared this worker lost (it was silent for longer than their timeout)
+    and continue without it; restart it to rejoin the run."""
+
+
+class QuorumLost(RuntimeError):
+    """Fewer than half of the run's workers remain reachable: continuing could split the run
+    into independent halves, so this side stops."""
+
+
 class Transport:
     """Sums a flat fp32 buffer in place among ``ranks`` (global ranks, sorted), every member
     ending with bitwise-identical values; returns the (sent, received) bytes it moved."""
@@ -241,13 +269,45 @@ class Transport:
         return sent, recv
 
     def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
-        raise NotImplementedError
+        """The ring on host tensors through ``_exchange`` (transports with their own kernel override it)."""
+        nxt, prev = ranks[plan.next_position], ranks[plan.prev_position]
+        chunks = plan.chunks
+        elem = torch.empty(0, dtype=wire).element_size()
+        tmp = torch.empty(max(length for _, length in chunks), dtype=wire)
+        sent = recv = 0
+        for send_c, recv_c in plan.reduce_steps:
+            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
+            self._exchange(buf[s0:s0 + sl].to(wire), nxt, tmp[:rl], prev)
+            buf[r0:r0 + rl] += tmp[:rl].to(torch.float32)
+            sent, recv = sent + sl * elem, recv + rl * elem
+        # The owner fixes its chunk's final value in the wire format, so all members agree bitwise.
+        o0, ol = chunks[plan.owned_chunk]
+        final = buf.to(wire)
+        buf[o0:o0 + ol] = final[o0:o0 + ol].to(torch.float32)
+        for send_c, recv_c in plan.gather_steps:
+            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
+            self._exchange(final[s0:s0 + sl], nxt, final[r0:r0 + rl], prev)
+            buf[r0:r0 + rl] = final[r0:r0 + rl].to(torch.float32)
+            sent, recv = sent + sl * elem, recv + rl * elem
+        return sent, recv
 
     def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
         raise NotImplementedError
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    # Membership. Transports that survive the loss of a worker (``fault_tolerant``) raise
+    # ``MembershipChange`` from a collective when a member is lost or joins, and ``recover()``
+    # returns the live ranks every survivor agreed on; the others keep all ranks forever.
+    fault_tolerant = False
+
+    def live_ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.world_size))
+
+    def recover(self) -> tuple[int, ...]:
+        raise RuntimeError(f"the {self.name} transport cannot continue after losing a worker; use the TCP "
+                           f"transport (fomoe.tcp.TcpTransport) for runs that must survive failures")
 
 
 class GlooTransport(Transport):
@@ -272,28 +332,6 @@ class GlooTransport(Transport):
                 dist.irecv(recv.view(torch.uint8), src, group=self.group)]
         for req in reqs:
             req.wait()
-
-    def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
-        nxt, prev = ranks[plan.next_position], ranks[plan.prev_position]
-        chunks = plan.chunks
-        elem = torch.empty(0, dtype=wire).element_size()
-        tmp = torch.empty(max(length for _, length in chunks), dtype=wire)
-        sent = recv = 0
-        for send_c, recv_c in plan.reduce_steps:
-            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
-            self._exchange(buf[s0:s0 + sl].to(wire), nxt, tmp[:rl], prev)
-            buf[r0:r0 + rl] += tmp[:rl].to(torch.float32)
-            sent, recv = sent + sl * elem, recv + rl * elem
-        # The owner fixes its chunk's final value in the wire format, so all members agree bitwise.
-        o0, ol = chunks[plan.owned_chunk]
-        final = buf.to(wire)
-        buf[o0:o0 + ol] = final[o0:o0 + ol].to(torch.float32)
-        for send_c, recv_c in plan.gather_steps:
-            (s0, sl), (r0, rl) = chunks[send_c], chunks[recv_c]
-            self._exchange(final[s0:s0 + sl], nxt, final[r0:r0 + rl], prev)
-            buf[r0:r0 + rl] = final[r0:r0 + rl].to(torch.float32)
-            sent, recv = sent + sl * elem, recv + rl * elem
-        return sent, recv
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -441,21 +479,61 @@ def check_nccl_version() -> dict | None:
     return v
 
 
-# ---- small control-plane exchanges through the store ---------------------------------------------
+# ---- small control-plane exchanges ---------------------------------------------------------------
+#
+# Configuration agreement and checkpoint coordination exchange a few strings between workers.
+# They go through torch.distributed's store, or through the installed *control plane* (the TCP
+# transport installs itself): the store lives in one process (rank 0's, or the launcher's), and a
+# run that survives the loss of workers must not depend on it.
 
 _exchange_counter = [0]
+_control_plane = [None]
+
+
+def set_control_plane(plane) -> None:
+    """Route ``gather_text`` / ``gather_live`` through ``plane`` (an object with
+    ``gather_text(tag, text) -> dict[rank, text]`` over its live ranks and ``live_ranks()``);
+    None restores the store."""
+    _control_plane[0] = plane
+
+
+def control_plane():
+    return _control_plane[0]
+
+
+def live_ranks() -> tuple[int, ...]:
+    """Ranks of the workers still in the run (all of them without a fault-tolerant control plane)."""
+    plane = _control_plane[0]
+    if plane is not None:
+        return tuple(plane.live_ranks())
+    return tuple(range(dist.get_world_size())) if dist.is_initialized() else (0,)
+
+
+def gather_live(tag: str, text: str, timeout_s: float | None = None) -> dict[int, str]:
+    """Every live rank's ``text`` for ``tag``, by rank. Each call on a rank must be matched by a
+    call with the same tag on every other live rank."""
+    plane = _control_plane[0]
+    if plane is not None:
+        return dict(plane.gather_text(tag, text))
+    return dict(enumerate(_gather_through_store(tag, text, timeout_s)))
 
 
 def gather_text(tag: str, text: str, timeout_s: float | None = None) -> list[str]:
-    """Every rank's ``text`` for ``tag`` (in rank order), through torch.distributed's store.
+    """Every rank's ``text`` for ``tag`` (in rank order), through the control plane or
+    torch.distributed's store.
 
     Used to check that all workers agree on a configuration before any collective runs, so a
     mismatch fails on every worker with a clear message instead of hanging. Each call on a
-    rank must be matched by a call with the same tag on every other rank.
+    rank must be matched by a call with the same tag on every other rank. After a worker was
+    lost the list holds the live ranks only (use ``gather_live`` to know whose text is whose).
     """
+    return [t for _, t in sorted(gather_live(tag, text, timeout_s).items())]
+
+
+def _gather_through_store(tag: str, text: str, timeout_s: float | None) -> list[str]:
     from torch.distributed import distributed_c10d as c10d
     if not dist.is_initialized():
-        raise RuntimeError("gather_text needs torch.distributed initialised")
+        raise RuntimeError("gather_text needs torch.distributed initialised (or a control plane)")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
         return [text]
@@ -469,7 +547,7 @@ def gather_text(tag: str, text: str, timeout_s: float | None = None) -> list[str
         if deadline is not None:
             store.wait([f"{key}/{r}"], datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
         out.append(store.get(f"{key}/{r}").decode())
-    # The store lives in rank 0's process: rank 0 returns only once every rank has read, so a
+    # The store may live in rank 0's process: rank 0 returns only once every rank has read, so a
     # rank 0 that fails right after this exchange cannot take the store away from a slower reader.
     if store.add(f"{key}/read", 1) == world:
         store.set(f"{key}/all-read", "1")
@@ -478,25 +556,62 @@ def gather_text(tag: str, text: str, timeout_s: float | None = None) -> list[str
     return out
 
 
+def code_fingerprint() -> str:
+    """fomoe's version and a hash of its source files and built extension: workers running
+    different code must not train together (their numerics or wire formats may differ)."""
+    if _code_fingerprint[0] is None:
+        import hashlib
+        from pathlib import Path
+        from . import __version__
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        files = sorted(root.glob("*.py")) + sorted(root.glob("_C*.so")) + sorted(root.glob("_C*.pyd"))
+        for path in files:
+            h.update(path.name.encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        _code_fingerprint[0] = f"fomoe {__version__} (sources {h.hexdigest()[:12]}), torch {torch.__version__}"
+    return _code_fingerprint[0]
+
+
+_code_fingerprint: list[str | None] = [None]
+
+
+def _differences(mine, ref, path: str = "") -> list[tuple[str, object, object]]:
+    """Leaf paths where two JSON-like values differ: ("model.num_experts", 8, 16)."""
+    if isinstance(mine, dict) and isinstance(ref, dict):
+        out = []
+        for k in sorted(set(mine) | set(ref), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in mine or k not in ref:
+                out.append((sub, mine.get(k, "<missing>"), ref.get(k, "<missing>")))
+            else:
+                out.extend(_differences(mine[k], ref[k], sub))
+        return out
+    return [] if mine == ref else [(path or "value", mine, ref)]
+
+
 def agree(tag: str, config: dict, what: str = "configuration", error: str | None = None) -> None:
     """Raise on every rank unless every rank passed the same ``config`` and no ``error``.
 
     ``error``: this rank's own validation failure (or None); every rank learns of it, so all
-    workers fail together with the same message instead of waiting for the failed one.
+    workers fail together with the same message instead of waiting for the failed one. The code
+    version (``code_fingerprint``) is always part of what must agree. The message names every
+    differing field by its path (``train.model.num_experts``).
     """
-    mine = json.dumps({"config": config, "error": error}, sort_keys=True, default=str)
-    everyone = [json.loads(t) for t in gather_text(tag, mine)]
-    errors = [(r, d["error"]) for r, d in enumerate(everyone) if d["error"] is not None]
+    mine = json.dumps({"config": {"code": code_fingerprint(), **config}, "error": error}, sort_keys=True,
+                      default=str)
+    everyone = {r: json.loads(t) for r, t in gather_live(tag, mine).items()}
+    errors = [(r, d["error"]) for r, d in sorted(everyone.items()) if d["error"] is not None]
     if errors:
         raise ValueError(f"invalid {what}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
-    ref = everyone[0]["config"]
+    first = min(everyone)
+    ref = everyone[first]["config"]
     lines = []
-    for r, d in enumerate(everyone):
-        cfg = d["config"]
-        diff = sorted(k for k in set(cfg) | set(ref) if cfg.get(k) != ref.get(k))
+    for r, d in sorted(everyone.items()):
+        diff = _differences(d["config"], ref)
         if diff:
-            lines.append(f"rank {r} has " + ", ".join(f"{k}={cfg.get(k)!r}" for k in diff) + " where rank 0 has "
-                         + ", ".join(f"{k}={ref.get(k)!r}" for k in diff))
+            lines.append(f"rank {r} has " + ", ".join(f"{k}={a!r}" for k, a, _ in diff) + f" where rank {first} has "
+                         + ", ".join(f"{k}={b!r}" for k, _, b in diff))
     if lines:
         raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))
 

@@ -8,7 +8,10 @@ overrides it.
 
 ``spawn(fn, world_size, args=...)`` runs ``fn(ctx, *args)`` in ``world_size`` fresh
 processes (``ctx`` is this worker's ``DistContext``) and returns their return values in rank
-order; if any worker fails, it raises ``WorkerError`` carrying every worker's error.
+order; if any worker fails, it raises ``WorkerError`` carrying every worker's error (or, with
+``tolerate_failures=True``, returns a ``Failed`` in that worker's place and lets the others
+finish: for runs that survive the loss of workers). The rendezvous store of spawned workers
+lives in the launching process, so the loss of any worker, rank 0 included, leaves it intact.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ class DistContext:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class Failed:
+    """In ``spawn(..., tolerate_failures=True)``'s results: a worker that did not return."""
+
+    rank: int
+    error: str
+    exitcode: int | None = None
+
+
 class WorkerError(RuntimeError):
     """One or more spawned workers failed; ``failures`` maps rank -> that worker's traceback."""
 
@@ -79,7 +91,7 @@ def choose_backend(backend: str = "auto", local_world_size: int = 1) -> str:
 
 
 def _init(rank: int, world_size: int, local_rank: int, local_world_size: int, backend: str,
-          timeout_s: float) -> DistContext:
+          timeout_s: float, store=None) -> DistContext:
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -87,6 +99,8 @@ def _init(rank: int, world_size: int, local_rank: int, local_world_size: int, ba
         device = torch.device("cpu")
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistContext(rank, world_size, local_rank, local_world_size, backend, device)
@@ -124,7 +138,9 @@ def _worker(fn: Callable, rank: int, world_size: int, backend: str, port: int, t
                        "LOCAL_WORLD_SIZE": str(world_size)})
     torch.set_num_threads(threads)
     try:
-        ctx = _init(rank, world_size, rank, world_size, backend, timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        ctx = _init(rank, world_size, rank, world_size, backend, timeout_s, store)
         out = fn(ctx, *args)
         # Plain pickle: tensors travel by value (multiprocessing would share them through file
         # descriptors that vanish when this process exits).
@@ -133,7 +149,10 @@ def _worker(fn: Callable, rank: int, world_size: int, backend: str, port: int, t
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            _leave(rank, world_size, min(timeout_s, 60.0))
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 (best effort on the way out; a peer may be gone already)
+                pass
 
 
 def _context(start_method: str | None, backend: str):
@@ -150,27 +169,10 @@ def _context(start_method: str | None, backend: str):
     return ctx
 
 
-def _leave(rank: int, world_size: int, wait_s: float) -> None:
-    # The rendezvous store lives in rank 0's process: rank 0 waits (bounded) until every worker
-    # is leaving, so a fast rank 0 never pulls the store from under a worker still using it.
-    try:
-        from torch.distributed import distributed_c10d as c10d
-        store = c10d._get_default_store()
-        store.add("fomoe/leaving", 1)
-        deadline = time.monotonic() + wait_s
-        while rank == 0 and store.add("fomoe/leaving", 0) < world_size and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except Exception:  # noqa: BLE001 (best effort on the way out; a peer may be gone already)
-        pass
-    try:
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: Sequence = (),
           timeout_s: float = DEFAULT_TIMEOUT_S, threads_per_worker: int | None = None,
-          grace_s: float = 30.0, start_method: str | None = None) -> list[Any]:
+          grace_s: float = 30.0, start_method: str | None = None, tolerate_failures: bool = False,
+          on_start: Callable[[list], None] | None = None) -> list[Any]:
     """Run ``fn(ctx, *args)`` on ``world_size`` local worker processes; their results in rank order.
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``timeout_s`` bounds every
@@ -178,7 +180,9 @@ def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: 
     get ``grace_s`` seconds to finish or fail on their own (a bad configuration fails on every
     worker) before they are terminated; then ``WorkerError`` reports every failure.
     ``start_method``: multiprocessing start method (default: forkserver for gloo workers where
-    available, spawn otherwise).
+    available, spawn otherwise). ``tolerate_failures``: a failed worker does not stop the others;
+    its place in the results holds a ``Failed``. ``on_start(processes)``: called once every
+    worker process has started (fault-injection experiments use it to find their pids).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -186,12 +190,17 @@ def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: 
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
     ctx = _context(start_method, backend)
     results = ctx.Queue()
-    port = free_port()
+    # The rendezvous store lives here, not in rank 0: losing any worker leaves it intact.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, backend, port, timeout_s, threads, tuple(args),
                                                results), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
+    if on_start is not None:
+        on_start(procs)
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
@@ -204,7 +213,7 @@ def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: 
                     if r not in outputs and r not in failures:
                         failures[r] = f"timed out after {timeout_s:.0f} s without finishing"
                 break
-            if first_failure_at is not None and now > first_failure_at + grace_s:
+            if first_failure_at is not None and not tolerate_failures and now > first_failure_at + grace_s:
                 for r in range(world_size):
                     if r not in outputs and r not in failures:
                         failures[r] = (f"terminated {grace_s:.0f} s after rank {min(failures)} failed "
@@ -228,13 +237,17 @@ def spawn(fn: Callable[..., Any], world_size: int, backend: str = "auto", args: 
                 first_failure_at = first_failure_at or time.monotonic()
     finally:
         for p in procs:
-            if p.is_alive() and (failures or time.monotonic() > deadline):
+            if p.is_alive() and ((failures and not tolerate_failures) or time.monotonic() > deadline):
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
+    del store
+    if tolerate_failures:
+        return [outputs[r] if r in outputs else Failed(r, failures.get(r, "unknown"), procs[r].exitcode)
+                for r in range(world_size)]
     if failures:
         raise WorkerError(failures, world_size)
     return [outputs[r] for r in range(world_size)]
