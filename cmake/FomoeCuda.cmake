@@ -44,6 +44,10 @@ if(NOT DEFINED FOMOE_CUTLASS_INCLUDE)
     COMMAND "${Python_EXECUTABLE}" -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include') if s else '')"
     OUTPUT_VARIABLE FOMOE_CUTLASS_INCLUDE OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
 endif()
+if(NOT (FOMOE_CUTLASS_INCLUDE AND EXISTS "${FOMOE_CUTLASS_INCLUDE}"))
+  message(WARNING "fomoe: CUTLASS headers not found (pip install nvidia-cutlass): the Hopper grouped-GEMM "
+                  "kernels are left out and expert GEMMs will run the much slower portable kernels")
+endif()
 
 # Torch-free kernels as an object library, shared by the extension and the CI check.
 function(fomoe_add_cuda_kernels target)
