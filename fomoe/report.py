@@ -6,11 +6,13 @@ object per line; ``kind`` is ``train``, ``sync``, ``eval`` or ``final``) and ``s
 runs) and writes ``report.md``, ``report.json`` and the plots into a directory.
 
 Modelled wall-clock under a WAN: every worker computes for its measured compute time per step,
-and its communication adds ``bytes_sent / bandwidth + latency * hops``, where ``hops`` counts the
-sequential messages of its collectives (a ring all-reduce among n workers takes 2(n-1) steps;
-ddp pays them every step, diloco and fomoe once per sync, fomoe once per holder group).
-Communication is not overlapped with compute. The figures are a model of a WAN (bandwidth per
-worker, one-way latency per message), not a measurement of one.
+and every sync (each step for ddp, each outer round for diloco and fomoe) adds the time of the
+slowest worker's share of the run's sync schedule under ``fomoe.plan``'s communication model
+(``Plan.comm_seconds``): its buckets one after another, each ring step paying the WAN latency,
+the bytes over the WAN bandwidth. fomoe's holder groups are separate buckets, so it pays more
+latency per sync than diloco's one all-worker bucket. Communication is not overlapped with
+compute. The figures are a model of a WAN (bandwidth per worker, one-way latency per message),
+not a measurement of one; the bytes themselves are the ones the run counted.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class WAN:
         if not self.latency_ms >= 0:
             raise ValueError(f"WAN latency must be >= 0, got {self.latency_ms} ms")
 
-    def seconds(self, bytes_sent: float, hops: int) -> float:
-        """Time to send ``bytes_sent`` in ``hops`` sequential messages."""
-        return bytes_sent * 8 / (self.bandwidth_mbps * 1e6) + hops * self.latency_ms / 1e3
+    def link(self):
+        """The same link in ``fomoe.plan``'s terms (its communication model is the one home)."""
+        from .plan import Link
+        return Link(bandwidth_gbps=self.bandwidth_mbps / 1e3, latency_ms=self.latency_ms)
 
 
 class Run:
@@ -54,6 +57,7 @@ class Run:
         self.method = train.get("method", self.path.name)
         self.workers = int(train.get("workers", 1))
         self.name = self.summary.get("label") or self.method
+        self._comm_seconds: dict[tuple[float, float], float] = {}
 
     def of_kind(self, kind: str) -> list[dict]:
         return [m for m in self.lines if m.get("kind") == kind]
@@ -74,16 +78,39 @@ class Run:
     def compute_seconds_per_step(self) -> float:
         return float(self.summary.get("compute_s_per_step", 0.0))
 
+    def plan(self, wan: WAN):
+        """``fomoe.plan.Plan`` of this run's model, federation and the WAN link."""
+        from .lm import LMConfig
+        from .placement import Placement
+        from .plan import Federation, ModelShape, Plan
+        train, model = self.config.get("train", {}), self.config.get("model")
+        if not model:
+            raise ValueError(f"{self.path}/config.json has no model configuration: cannot model its communication")
+        fed = Federation(workers=self.workers, placement=train.get("placement") or "full",
+                         sync_every=int(train.get("sync_every", 1)), compression=train.get("compression"),
+                         weighted=bool(train.get("weighted", False)), seed=int(train.get("seed", 0)))
+        p = Plan(ModelShape.from_lm_config(LMConfig.from_dict(model)), fed, link=wan.link())
+        if self.method == "fomoe" and "placement" in self.config:
+            # The placement the run trained with (an explicit placement file may be gone since).
+            p.placement = Placement.from_dict(self.config["placement"])
+        return p
+
+    def comm_seconds_per_sync(self, wan: WAN) -> float:
+        """Modelled time of one sync of the slowest worker (ddp: one step's gradient all-reduce)."""
+        key = (wan.bandwidth_mbps, wan.latency_ms)
+        if key not in self._comm_seconds:   # plots ask for every evaluation point
+            self._comm_seconds[key] = self.plan(wan).comm_seconds(self.method)
+        return self._comm_seconds[key]
+
     def modelled_seconds(self, wan: WAN) -> list[tuple[int, float]]:
         """(step, modelled wall-clock seconds at that step) at every sync line (and step 0)."""
-        per_step = self.compute_seconds_per_step()
-        points, last_bytes, last_hops = [(0, 0.0)], 0.0, 0
-        comm = 0.0
-        for s in self.syncs:
-            hops = s.get("comm_hops", last_hops + 2 * (self.workers - 1))
-            comm += wan.seconds(s["bytes_sent"] - last_bytes, hops - last_hops)
-            last_bytes, last_hops = s["bytes_sent"], hops
-            points.append((s["step"], s["step"] * per_step + comm))
+        per_step, per_sync = self.compute_seconds_per_step(), self.comm_seconds_per_sync(wan)
+        points = [(0, 0.0)]
+        for i, s in enumerate(self.syncs, 1):
+            # ddp all-reduces every step (its sync lines only pace the routing metrics); diloco
+            # and fomoe sync once per line, the last, shorter round included.
+            syncs = s["step"] if self.method == "ddp" else i
+            points.append((s["step"], s["step"] * per_step + syncs * per_sync))
         return points
 
     def seconds_at_step(self, step: float, wan: WAN) -> float:
@@ -269,23 +296,28 @@ def plot_expert_load(run: Run, path: Path) -> Path | None:
 
 
 def plot_routing(runs: Sequence[Run], path: Path) -> Path | None:
-    keys = [("load_entropy", "load entropy / log E"), ("router_drift", "router drift per sync"),
+    keys = [("load_entropy", "load entropy / log E (mean over layers)"),
+            ("load_entropy_min", "load entropy / log E (worst layer)"),
+            ("min_load_ratio", "least-loaded expert / fair share (dotted: 10%)"),
+            ("router_drift", "router drift per sync"),
             ("skipped_fraction", "assignments skipped"), ("top1_kl", "KL(top-1 || uniform) [nats]")]
     if not any(r.syncs for r in runs):
         return None
     plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, (key, label) in zip(axes.flat, keys):
         for i, r in enumerate(runs):
             pts = [(s["step"], s[key]) for s in r.syncs if s.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), lw=1.2, color=f"C{i}", label=r.name)
+        if key == "min_load_ratio":
+            ax.axhline(0.1, color="r", lw=0.8, ls=":")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -344,9 +376,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, wan: WAN |
               f"Bytes are counted by the sync manager per worker (mean over workers) for the whole run. "
               f"\"vs diloco\"/\"vs ddp\": how many times fewer bytes than that baseline. Eval loss is the "
               f"consolidated full model on the held-out split; \"@ equal tokens\" at {data['equal_tokens']} tokens. "
-              f"Modelled time: measured compute per step plus bytes / {wan.bandwidth_mbps:g} Mbit/s plus "
-              f"{wan.latency_ms:g} ms per sequential message (a ring all-reduce among n workers: 2(n-1)), "
-              f"no overlap.", ""]
+              f"Modelled time: measured compute per step plus, per sync, the slowest worker's bytes / "
+              f"{wan.bandwidth_mbps:g} Mbit/s plus {wan.latency_ms:g} ms per sequential message (a ring "
+              f"all-reduce among n workers: 2(n-1); fomoe's holder groups one after another), no overlap "
+              f"(`fomoe.plan`'s communication model).", ""]
     rs = [(n, s) for n, s in data["routing"].items() if s]
     if rs:
         lines += ["| run | syncs | min expert load / fair share | expert-syncs under 10% | longest streak under 10% |"

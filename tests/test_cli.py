@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from fomoe.cli import main
+from fomoe.lm import LMConfig
+from fomoe.placement import Placement
 from fomoe.report import WAN, Run, compare_table
 
 SMALL = ["--d-model", "32", "--layers", "2", "--heads", "2", "--experts", "4", "--top-k", "2", "--d-ff", "64",
@@ -40,15 +42,22 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
-def write_run(path: Path, method: str, workers: int, compute: float, syncs: list[tuple[int, float, int]],
-              evals: list[tuple[int, float]]) -> Path:
+# One MoE layer: 440 dense parameters (attention, router, norms, tied embedding) and 4 experts of 96.
+TOY = LMConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, num_experts=4, top_k=1, d_ff=4, max_seq_len=8)
+
+
+def write_run(path: Path, method: str, workers: int, compute: float, syncs: list[tuple[int, float]],
+              evals: list[tuple[int, float]], placement: str = "full") -> Path:
     path.mkdir(parents=True)
     lines = [{"kind": "sync", "step": s, "tokens": s * 100, "loss": 1.0, "tokens_per_s": 1.0, "bytes_sent": b,
-              "bytes_recv": b, "comm_hops": h} for s, b, h in syncs]
+              "bytes_recv": b} for s, b in syncs]
     lines += [{"kind": "eval", "step": s, "tokens": s * 100, "loss": 1.0, "tokens_per_s": 1.0, "eval_loss": e,
                "bytes_sent": 0, "bytes_recv": 0} for s, e in evals]
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    (path / "config.json").write_text(json.dumps({"train": {"method": method, "workers": workers}}))
+    held = Placement.from_spec(placement, workers, TOY.num_experts, TOY.n_layers)
+    config = {"train": {"method": method, "workers": workers, "placement": placement, "sync_every": 10},
+              "model": TOY.to_dict(), "placement": held.to_dict()}
+    (path / "config.json").write_text(json.dumps(config))
     (path / "summary.json").write_text(json.dumps({"compute_s_per_step": compute, "bytes_sent_per_worker":
                                                    syncs[-1][1], "tokens_per_s": 10.0}))
     return path
@@ -56,17 +65,25 @@ def write_run(path: Path, method: str, workers: int, compute: float, syncs: list
 
 def test_wan_model_and_time_to_target(tmp_path):
     wan = WAN(bandwidth_mbps=8.0, latency_ms=100.0)   # 1 MB/s, 0.1 s per sequential message
-    assert wan.seconds(2_000_000, 6) == pytest.approx(2.0 + 0.6)
-    run = Run(write_run(tmp_path / "a", "fomoe", 4, compute=0.5, syncs=[(10, 1e6, 6), (20, 3e6, 12)],
-                        evals=[(10, 3.0), (20, 2.0)]))
-    # step 10: 10 x 0.5 s compute + (1 MB -> 1 s + 0.6 s); step 20: + 5 s + (2 MB -> 2 s + 0.6 s).
-    assert run.modelled_seconds(wan) == [(0, 0.0), (10, pytest.approx(6.6)), (20, pytest.approx(14.2))]
-    assert run.step_reaching(2.5) == pytest.approx(15.0)       # interpolated between the evals
-    assert run.seconds_at_step(15.0, wan) == pytest.approx(10.4)
-    assert run.step_reaching(1.0) is None
-    other = Run(write_run(tmp_path / "b", "diloco", 4, compute=0.5, syncs=[(10, 2e6, 6), (20, 6e6, 12)],
-                          evals=[(10, 3.0), (20, 2.5)]))
-    table, data = compare_table([other, run], wan)
+    # diloco, 4 workers: one ring all-reduce of all 824 parameters (chunks of 206): 6 steps of 824 B.
+    diloco = Run(write_run(tmp_path / "diloco", "diloco", 4, compute=0.5, syncs=[(10, 2e6), (20, 4e6)],
+                           evals=[(10, 3.0), (20, 2.5)]))
+    assert diloco.comm_seconds_per_sync(wan) == pytest.approx(6 * 824 / 1e6 + 6 * 0.1)
+    # fomoe, replicated(2): the dense 440 over all 4 (6 steps of 440 B), then, one after the other,
+    # the two experts each worker shares with one other worker (2 steps of 384 B): 8 messages.
+    fomoe = Run(write_run(tmp_path / "fomoe", "fomoe", 4, compute=0.5, syncs=[(10, 1e6), (20, 2e6)],
+                          evals=[(10, 3.0), (20, 2.0)], placement="replicated:2"))
+    per_sync = 6 * 440 / 1e6 + 2 * 384 / 1e6 + 8 * 0.1
+    assert fomoe.comm_seconds_per_sync(wan) == pytest.approx(per_sync)
+    assert fomoe.modelled_seconds(wan) == [(0, 0.0), (10, pytest.approx(5 + per_sync)),
+                                           (20, pytest.approx(10 + 2 * per_sync))]
+    assert fomoe.step_reaching(2.5) == pytest.approx(15.0)       # interpolated between the evals
+    assert fomoe.seconds_at_step(15.0, wan) == pytest.approx(7.5 + 1.5 * per_sync)
+    assert fomoe.step_reaching(1.0) is None
+    # ddp all-reduces the gradients of every step: its sync lines every 10 steps carry 10 each.
+    ddp = Run(write_run(tmp_path / "ddp", "ddp", 4, compute=0.5, syncs=[(10, 2e7)], evals=[(10, 3.0)]))
+    assert ddp.modelled_seconds(wan)[1] == (10, pytest.approx(5 + 10 * diloco.comm_seconds_per_sync(wan)))
+    table, data = compare_table([diloco, fomoe], wan)
     assert data["target_loss"] == 2.5          # the worse method's best loss
     assert data["runs"]["fomoe"]["vs_diloco"] == pytest.approx(2.0)
     assert "2.00x" in table
