@@ -320,33 +320,17 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def model_state_bytes(model, inner, manager) -> int:
-    """Bytes of parameters, their gradients, the inner optimizer state and the sync manager's
-    θ_global and outer momentum held by this worker."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-
-    for p in model.parameters():
-        add(p)
-        total += p.numel() * p.element_size()  # its gradient (alive from backward to the inner step)
-    for state in inner.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.numel() > 1:
-                add(v)
-    for g in getattr(manager, "global_params", []):
-        add(g)
-        add(g.grad)
-    outer = getattr(manager, "outer_optimizer", None)
-    if outer is not None:
-        for state in outer.state.values():
-            add(state.get("momentum_buffer"))
-    return total
+def model_state_bytes(model_cfg: LMConfig, placement, manager, rank: int) -> int:
+    """Bytes of this worker's parameters, their gradients, the AdamW state and the sync manager's
+    θ_global, its gradient buffer, outer momentum and error-feedback residuals: ``fomoe.plan``'s
+    state accounting (its tests check it against the tensors workers allocate) for the worker's
+    experts and sync schedule; fp32 master weights, as this driver keeps them."""
+    from . import plan
+    shape = plan.ModelShape.from_lm_config(model_cfg)
+    local_experts = sum(len(placement.resident(rank, layer)) for layer in range(model_cfg.n_layers))
+    memory = plan.worker_memory(shape, manager.method, local_experts, plan.SyncFootprint.of(manager.buckets, rank),
+                                plan.Hardware(param_bytes=4), plan.Training())
+    return memory.state
 
 
 class MetricsLog:
@@ -444,9 +428,8 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
 
     if start_step == 0:
         evaluate_global({"step": 0, "tokens": 0, "loss": None, "tokens_per_s": 0.0, "bytes_sent": 0.0,
-                         "bytes_recv": 0.0, "lr": 0.0, "time": 0.0, "comm_hops": 0})
+                         "bytes_recv": 0.0, "lr": 0.0, "time": 0.0})
     compute_s = float(prior.get("compute_s", 0.0))
-    comm_hops = int(prior.get("comm_hops", 0))
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
     last_loss, last_tps = float("nan"), 0.0
     loop_start = time.perf_counter()
@@ -468,8 +451,6 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
         t2 = time.perf_counter()
         comm_s = record["seconds"] if record else 0.0
         compute_s += (t1 - t0) + max(0.0, (t2 - t1) - comm_s)
-        if record:  # sequential ring steps of this worker's collectives: what a WAN's latency multiplies
-            comm_hops += sum(2 * (len(c["ranks"]) - 1) for c in record["collectives"] if c["sent"])
         window["loss"] += float(ce.detach())
         window["aux"] += float(aux.detach())
         window["n"] += 1
@@ -486,7 +467,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
             last_tps = tokens_per_step * (done - window["step0"]) / max(now - window["t0"], 1e-9)
             base = {"step": done, "tokens": done * tokens_per_step, "loss": last_loss, "tokens_per_s": last_tps,
                     "bytes_sent": float(packed[3]) / world, "bytes_recv": float(packed[4]) / world,
-                    "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0)), "comm_hops": comm_hops}
+                    "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0))}
             if rank == 0:
                 log.write({"kind": "train", **base, "aux_loss": float(packed[1] / packed[2])})
                 if bar is not None:
@@ -502,7 +483,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
                 evaluate_global(base)
             if is_round and (done % cfg.ckpt_every == 0 or done in (cfg.steps, cfg.stop_at)):
                 _save(run_dir, done, model, manager, inner, data, monitor, cfg, rank, world,
-                      {"compute_s": compute_s, "elapsed_s": base["time"], "comm_hops": comm_hops})
+                      {"compute_s": compute_s, "elapsed_s": base["time"]})
         if bar is not None:
             bar.update(1)
         if done == cfg.stop_at:
@@ -516,7 +497,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
     elapsed = time.perf_counter() - loop_start + float(prior.get("elapsed_s", 0.0))
     mine = {"rank": rank, "bytes_sent": manager.bytes_sent, "bytes_recv": manager.bytes_recv,
             "compute_s": compute_s, "peak_mib": peak_memory_mib(device),
-            "model_state_mib": model_state_bytes(model, inner, manager) / 2 ** 20,
+            "model_state_mib": model_state_bytes(model_cfg, placement, manager, rank) / 2 ** 20,
             "shard_tokens": data.shard_tokens, "shard_documents": data.shard_documents,
             "expected_bytes_per_sync": list(manager.expected_traffic)}
     everyone = [None] * world if rank == 0 else None

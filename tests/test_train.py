@@ -12,6 +12,7 @@ import torch
 
 from fomoe.cli import main
 from fomoe.lm import LMConfig, MoELM
+from fomoe.placement import Placement
 from fomoe.train import RoutingMonitor, TrainConfig, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,13 @@ def test_train_end_to_end(straight_run):
     assert (straight_run / "checkpoints").is_dir() and any((straight_run / "checkpoints").iterdir())
     cfg = json.loads((straight_run / "config.json").read_text())
     assert cfg["train"]["placement"] == "partition" and cfg["model"]["num_experts"] == 4
+    # State per worker: fp32 weights, gradients, two AdamW moments, θ_global, its gradient buffer and
+    # the outer momentum of every parameter the worker holds, plus AdamW's 4-byte step per tensor.
+    model_cfg, placement = LMConfig.from_dict(cfg["model"]), Placement.from_dict(cfg["placement"])
+    for rank, worker in enumerate(summary["workers_detail"]):
+        params = list(MoELM.from_placement(model_cfg, placement, rank).parameters())
+        held = sum(p.numel() for p in params)
+        assert worker["model_state_mib"] * 2 ** 20 == 7 * 4 * held + 4 * len(params)
 
 
 def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
