@@ -291,9 +291,11 @@ def _convert_block(name: str, block: nn.Module, adapter: BlockAdapter, router_cl
                            renormalize=renormalize, resident_experts=resident, **moe_options)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from exc
-    with torch.device(router_w.device):
-        moe = MoE(config)
-        moe.keep_router_logits = True  # HF's aux loss reads them
+    # On meta: the checkpoint's weights replace every parameter, so nothing is allocated or
+    # randomly initialised first (that alone took minutes for large models).
+    moe = MoE(config, device="meta")
+    moe._register_residency(router_w.device)
+    moe.keep_router_logits = True  # HF's aux loss reads them
     held = moe.expert_ids.to(gate_up.device)
     with torch.no_grad():
         # HF [E, 2f, d] / [E, d, f] -> fomoe [E_local, d, 2f] / [E_local, f, d], resident experts only.

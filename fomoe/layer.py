@@ -110,10 +110,13 @@ class MoE(nn.Module):
     maps local slots to global ids. In ``state_dict`` each expert appears under
     ``experts.<global id>.w13`` / ``.w2``, so shards of different workers merge by key.
     After each forward, ``aux_loss`` holds the weighted auxiliary losses to add to the
-    training loss and ``stats`` the router statistics.
+    training loss and ``stats`` the router statistics. ``device`` / ``dtype`` place the
+    parameters as for ``nn.Linear``; ``device="meta"`` skips allocation and initialisation
+    (materialise with ``to_empty(device=...)`` then ``reset_parameters()``).
     """
 
-    def __init__(self, config: MoEConfig | None = None, **kwargs) -> None:
+    def __init__(self, config: MoEConfig | None = None, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **kwargs) -> None:
         super().__init__()
         if config is None:
             config = MoEConfig(**kwargs)
@@ -124,15 +127,11 @@ class MoE(nn.Module):
         resident = config.resident
         self.num_experts = E
         self.num_local = len(resident)
-        self.router = nn.Linear(d, E, bias=False)
-        self.w13 = nn.Parameter(torch.empty(self.num_local, d, 2 * f))
-        self.w2 = nn.Parameter(torch.empty(self.num_local, f, d))
-        resident_map = torch.full((E,), -1, dtype=torch.int32)
-        resident_map[list(resident)] = torch.arange(self.num_local, dtype=torch.int32)
-        self.register_buffer("expert_ids", torch.tensor(resident, dtype=torch.int64), persistent=False)
-        self.register_buffer("resident_map", resident_map, persistent=False)
-        self.register_buffer("resident_mask", resident_map >= 0, persistent=False)
-        self.register_buffer("tokens_routed", torch.zeros(self.num_local, dtype=torch.int64), persistent=False)
+        factory = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(d, E, bias=False, **factory)
+        self.w13 = nn.Parameter(torch.empty(self.num_local, d, 2 * f, **factory))
+        self.w2 = nn.Parameter(torch.empty(self.num_local, f, d, **factory))
+        self._register_residency(self.w13.device)
         self.partial = self.num_local < E
         self.aux_loss: Tensor | None = None
         self.stats: RouterStats | None = None
@@ -140,12 +139,27 @@ class MoE(nn.Module):
         # ``router_logits``, e.g. for a host model's own auxiliary losses; off by default (memory).
         self.keep_router_logits = False
         self.router_logits: Tensor | None = None
-        self.reset_parameters()
+        if not self.w13.is_meta:   # meta: shapes only; to_empty() + reset_parameters() materialise
+            self.reset_parameters()
+
+    def _register_residency(self, device: torch.device) -> None:
+        """The routing tables of the resident set (not parameters: rebuilt, never trained or saved)."""
+        resident, E = self.config.resident, self.num_experts
+        resident_map = torch.full((E,), -1, dtype=torch.int32)
+        resident_map[list(resident)] = torch.arange(self.num_local, dtype=torch.int32)
+        self.register_buffer("expert_ids", torch.tensor(resident, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("resident_map", resident_map.to(device), persistent=False)
+        self.register_buffer("resident_mask", resident_map.to(device) >= 0, persistent=False)
+        self.register_buffer("tokens_routed", torch.zeros(self.num_local, dtype=torch.int64, device=device),
+                             persistent=False)
 
     # ---- parameters ------------------------------------------------------------------------
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Random initial weights (seeded per global expert id when ``init_seed`` is set); also
+        rebuilds the routing tables, which ``to_empty()`` leaves uninitialised."""
+        self._register_residency(self.w13.device)
         cfg = self.config
         if cfg.init_seed is None:
             nn.init.normal_(self.router.weight, std=cfg.init_std)

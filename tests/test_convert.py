@@ -108,6 +108,17 @@ def test_converted_model_matches_original(name, gen):
     assert seen == set(original_params)
 
 
+def test_conversion_does_not_initialise_weights_it_replaces(monkeypatch, gen):
+    original = make_model("mixtral")
+    def fail(self):
+        raise AssertionError("conversion ran a random initialisation")
+    monkeypatch.setattr(fomoe.MoE, "reset_parameters", fail)
+    converted = fc.convert_model(original, inplace=False)
+    embeds, labels = inputs(original, gen)
+    torch.testing.assert_close(run(converted, embeds, labels)[0].logits, run(original, embeds, labels)[0].logits,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_mixtral_router_jitter_in_training(gen):
     original = make_model("mixtral", router_jitter_noise=0.3).train()
     converted = fc.convert_model(original, inplace=False)

@@ -132,6 +132,24 @@ def test_init_is_placement_independent():
     assert torch.equal(part.router.weight, full.router.weight)
 
 
+def test_factory_kwargs_and_meta_construction(gen):
+    seeded = {"num_experts": 6, "resident_experts": [4, 1], "init_seed": 7}
+    eager = make_layer(dtype=torch.float32, **seeded)
+    cfg = eager.config
+    typed = fomoe.MoE(cfg, dtype=torch.float64)
+    assert {p.dtype for p in typed.parameters()} == {torch.float64}
+    torch.testing.assert_close(typed.w13, eager.w13.double())
+    meta = fomoe.MoE(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters()) and meta.resident_map.is_meta
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()   # materialises the weights and the routing tables
+    assert torch.equal(meta.resident_map, eager.resident_map) and torch.equal(meta.expert_ids, eager.expert_ids)
+    for a, b in zip(meta.state_dict().values(), eager.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(3, 5, cfg.d_model, generator=gen)
+    torch.testing.assert_close(meta(x), eager(x), rtol=0, atol=0)
+
+
 def test_state_dict_names_experts_by_global_id(gen):
     full = make_layer(num_experts=6)
     with torch.no_grad():
