@@ -52,10 +52,15 @@ class Placement:
             raise PlacementError("a placement needs at least one MoE layer")
         self.num_layers = len(self._holders)
         self.num_experts = len(self._holders[0])
-        # resident[layer][rank] -> sorted expert ids, derived once.
-        self._resident = tuple(
-            tuple(tuple(e for e, ranks in enumerate(layer) if w in ranks) for w in range(num_workers))
-            for layer in self._holders)
+        # resident[layer][rank] -> sorted expert ids, derived once by inverting the holder lists
+        # (linear in the placement's size: plans with thousands of workers stay instant).
+        resident = [[[] for _ in range(num_workers)] for _ in self._holders]
+        for l, layer in enumerate(self._holders):
+            for e, ranks in enumerate(layer):
+                for w in ranks:
+                    if 0 <= w < num_workers:   # out-of-range ranks are reported by validate()
+                        resident[l][w].append(e)
+        self._resident = tuple(tuple(tuple(experts) for experts in layer) for layer in resident)
         if validate:
             self.validate()
 
