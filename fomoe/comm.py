@@ -610,10 +610,22 @@ def agree(tag: str, config: dict, what: str = "configuration", error: str | None
     for r, d in sorted(everyone.items()):
         diff = _differences(d["config"], ref)
         if diff:
-            lines.append(f"rank {r} has " + ", ".join(f"{k}={a!r}" for k, a, _ in diff) + f" where rank {first} has "
-                         + ", ".join(f"{k}={b!r}" for k, _, b in diff))
+            # A long list of differences (or one huge value) would bury the first, telling one.
+            shown, more = diff[:MAX_DIFFERENCES_SHOWN], len(diff) - MAX_DIFFERENCES_SHOWN
+            line = (f"rank {r} has " + ", ".join(f"{k}={_short_repr(a)}" for k, a, _ in shown)
+                    + f" where rank {first} has " + ", ".join(f"{k}={_short_repr(b)}" for k, _, b in shown))
+            lines.append(line + (f" (and {more} more differences)" if more > 0 else ""))
     if lines:
         raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))
+
+
+MAX_DIFFERENCES_SHOWN = 8
+MAX_VALUE_CHARS = 200
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS - 1] + "…"
 
 
 # At import: an extension built against a newer NCCL than the one loaded would fail later, deep

@@ -244,6 +244,24 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
+    def identity(self, shards: Sequence[Sequence[Document]]) -> dict:
+        """What every worker of a run must agree on about its data, field by field, so that a
+        mismatch is reported by name (``comm.agree``: ``data.tokens=...``) rather than as two
+        different hashes: the split settings, the vocabulary, the corpus's and the held-out
+        split's size, every worker's shard (documents, tokens) and a hash of the documents'
+        names and sizes. The paths are left out: the same data may live at different paths
+        on different machines."""
+        content = hashlib.sha256()
+        for d in self.documents:
+            content.update(f"{d.name}:{d.size}:{d.offset};".encode())
+        settings = self.cfg.to_dict()
+        del settings["paths"]
+        held = self.eval_documents()
+        return {"settings": settings, "vocab_size": self.vocab_size, "documents": len(self.documents),
+                "tokens": self.total_tokens, "eval_documents": len(held),
+                "shards": [[len(s), sum(d.size for d in s)] for s in shards], "content": content.hexdigest()[:16]}
+
+
 def _looks_binary(path: str) -> bool:
     with open(path, "rb") as f:
         return b"\0" in f.read(8192)
@@ -356,14 +374,16 @@ class WorkerData:
     fingerprint: str
     shard_documents: int
     shard_tokens: int
+    identity: dict    # Corpus.identity: what every worker must agree on about the data
 
 
 def load_worker_data(cfg: DataConfig, rank: int, world_size: int, seq_len: int, batch_size: int) -> WorkerData:
     """Everything worker ``rank`` of ``world_size`` needs: its training stream and the eval tokens."""
     corpus = Corpus(cfg)
-    shard = corpus.split(world_size)[rank]
+    shards = corpus.split(world_size)
+    shard = shards[rank]
     tokens = corpus.read(shard)
     stream = TokenStream(tokens, seq_len, batch_size, seed=cfg.seed, rank=rank)
     return WorkerData(train=stream, eval_tokens=corpus.read(corpus.eval_documents()), vocab_size=corpus.vocab_size,
                       description=corpus.description, fingerprint=corpus.fingerprint(),
-                      shard_documents=len(shard), shard_tokens=int(tokens.size))
+                      shard_documents=len(shard), shard_tokens=int(tokens.size), identity=corpus.identity(shards))

@@ -138,3 +138,23 @@ def test_bad_sources_are_clear(tmp_path):
         Corpus(DataConfig(paths=[str(tmp_path / "few")], eval_fraction=0.01)).split(5)
     with pytest.raises(DataError, match="fewer than one window"):
         TokenStream(np.zeros(10, np.uint8), seq_len=16, batch_size=2)
+
+
+def test_identity_names_what_differs_and_ignores_where_the_data_lives(tmp_path):
+    from fomoe.comm import _differences
+    here, there = make_tree(tmp_path / "site_a"), make_tree(tmp_path / "site_b")
+    a = load_worker_data(DataConfig(paths=[str(here)], eval_fraction=0.1), 0, 2, seq_len=16, batch_size=2)
+    b = load_worker_data(DataConfig(paths=[str(there)], eval_fraction=0.1), 1, 2, seq_len=16, batch_size=2)
+    assert a.identity == b.identity                      # same data at another path, seen by another rank
+    assert a.identity["tokens"] == a.shard_tokens + b.shard_tokens + a.eval_tokens.size - a.identity["documents"]
+    assert [s[1] for s in a.identity["shards"]] == [a.shard_tokens - a.shard_documents,
+                                                   b.shard_tokens - b.shard_documents]
+
+    (there / "pkg1" / "mod0.txt").write_bytes(b"b" * 1000)   # one file differs at one site
+    c = load_worker_data(DataConfig(paths=[str(there)], eval_fraction=0.1), 1, 2, seq_len=16, batch_size=2)
+    diff = {path: (mine, ref) for path, mine, ref in _differences(c.identity, a.identity)}
+    assert diff["tokens"] == (a.identity["tokens"] + 700, a.identity["tokens"])
+    assert "content" in diff and "documents" not in diff
+
+    d = load_worker_data(DataConfig(paths=[str(here)], eval_fraction=0.1, seed=5), 0, 2, seq_len=16, batch_size=2)
+    assert ("settings.seed", 5, 0) in _differences(d.identity, a.identity)
