@@ -11,10 +11,17 @@ Layout under ``run_dir/checkpoints/``::
     latest                       name of the newest complete checkpoint
 
 Atomicity: every file is written to a temporary name, fsynced, then renamed; each worker's
-shard checksum reaches rank 0 through torch.distributed's store, and rank 0 writes the
-manifest only after every shard is in place, then moves ``latest``. A checkpoint without a
-manifest is incomplete and ignored; a crash at any moment leaves the previous checkpoint as
-the latest.
+shard checksum (or its write error) reaches the lowest live rank (rank 0 unless it was lost)
+through the control plane (``comm.gather_live``), which writes the manifest only after every
+shard is in place, then moves ``latest``. A checkpoint without a manifest is incomplete and
+ignored; a crash at any moment leaves the previous checkpoint as the latest. A write that fails
+on any worker (a full disk, a quota) fails ``save`` on every worker with ``CheckpointError``:
+the unfinished step directory is removed and ``latest`` still names the previous checkpoint.
+
+After workers were lost (a run over the fault-tolerant TCP transport), the survivors' shards
+form the checkpoint and the manifest lists the ``lost_ranks``; such a checkpoint resumes only
+the ranks whose shards it holds (``load`` falls back to the newest checkpoint every loading
+worker holds), and exports when every expert has a holder among them.
 
 ``load`` verifies the sha256 of its shard; a torn or corrupted checkpoint is reported and the
 workers fall back together to the newest checkpoint that every worker verified. On CPU a
@@ -111,13 +118,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename; returns its sha256."""
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename; returns its sha256.
+    On failure (e.g. a full disk) the temporary file is removed and ``path`` is untouched."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
     return hashlib.sha256(data).hexdigest()
 
@@ -163,37 +178,65 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = checkpoints_dir(run_dir)
     step_dir = root / _step_name(step)
-    step_dir.mkdir(parents=True, exist_ok=True)
+    live = comm.live_ranks() if world_size > 1 else (0,)
+    writer = min(live)   # writes the manifest: rank 0 unless it was lost
 
-    state = {"model": model.state_dict(), "rng": _rng_state(), "extra": extra_state or {}}
-    if sync_manager is not None:
-        state["sync"] = sync_manager.state_dict()
-    if inner_optimizer is not None:
-        state["inner_optimizer"] = inner_optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(state, "", tensors)
-    header = {"format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "state": skeleton}
-    data = st_save(tensors, metadata={"fomoe": json.dumps(header)})
-    shard = step_dir / _shard_name(rank)
-    digest = _write_atomic(shard, data)
-    mine = {"file": shard.name, "sha256": digest, "bytes": len(data)}
+    try:
+        step_dir.mkdir(parents=True, exist_ok=True)
+        state = {"model": model.state_dict(), "rng": _rng_state(), "extra": extra_state or {}}
+        if sync_manager is not None:
+            state["sync"] = sync_manager.state_dict()
+        if inner_optimizer is not None:
+            state["inner_optimizer"] = inner_optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten(state, "", tensors)
+        header = {"format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "state": skeleton}
+        data = st_save(tensors, metadata={"fomoe": json.dumps(header)})
+        shard = step_dir / _shard_name(rank)
+        mine = {"file": shard.name, "sha256": _write_atomic(shard, data), "bytes": len(data)}
+    except OSError as exc:
+        mine = {"error": f"rank {rank} could not write its shard to {step_dir}: {exc}"}
 
-    shards = [json.loads(t) for t in comm.gather_text(f"ckpt-{step}", json.dumps(mine))] if world_size > 1 \
-        else [mine]
-    if rank == 0:
-        manifest = {"format": FORMAT, "step": step, "world_size": world_size, "created": time.time(),
-                    "config": config, "config_hash": config_hash(config or {}),
-                    "placement": sync_manager.placement.to_dict() if sync_manager is not None else None,
-                    "sync": sync_manager.config_summary() if sync_manager is not None else None,
-                    "shards": {str(r): s for r, s in enumerate(shards)}}
-        _write_atomic(step_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
-        _write_atomic(root / "latest", (step_dir.name + "\n").encode())
-        if keep is not None:
-            _prune(root, keep, protect=step_dir.name)
+    shards = {int(r): json.loads(t) for r, t in comm.gather_live(f"ckpt-{step}", json.dumps(mine)).items()} \
+        if world_size > 1 else {0: mine}
+    errors = [s["error"] for _, s in sorted(shards.items()) if "error" in s]
+    outcome = "ok"
+    if rank == writer:
+        try:
+            if errors:
+                # Nothing of this step is usable: remove it so it cannot be mistaken for a checkpoint.
+                if not (step_dir / "manifest.json").exists():
+                    shutil.rmtree(step_dir, ignore_errors=True)
+            else:
+                manifest = {"format": FORMAT, "step": step, "world_size": world_size, "created": time.time(),
+                            "config": config, "config_hash": config_hash(config or {}),
+                            "placement": sync_manager.placement.to_dict() if sync_manager is not None else None,
+                            "sync": sync_manager.config_summary() if sync_manager is not None else None,
+                            "shards": {str(r): s for r, s in sorted(shards.items())}}
+                lost = sorted(set(range(world_size)) - set(shards))
+                if lost:
+                    manifest["lost_ranks"] = lost
+                _write_atomic(step_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+                _write_atomic(root / "latest", (step_dir.name + "\n").encode())
+                if keep is not None:
+                    _prune(root, keep, protect=step_dir.name)
+        except OSError as exc:
+            outcome = f"rank {rank} could not write the manifest of {step_dir}: {exc}"
+            try:
+                (step_dir / "manifest.json").unlink()
+            except OSError:
+                pass
+            shutil.rmtree(step_dir, ignore_errors=True)
     if world_size > 1:
         # Nobody returns before the manifest exists: a worker killed right after save() returns
         # cannot leave the others' next load() without this checkpoint.
-        comm.gather_text(f"ckpt-done-{step}", "ok")
+        done = comm.gather_live(f"ckpt-done-{step}", outcome)
+        outcome = done.get(writer, outcome)
+    if errors or outcome != "ok":
+        previous = latest_step(run_dir)
+        raise CheckpointError("checkpoint of step {} failed: {}; the previous checkpoint ({}) is intact".format(
+            step, "; ".join(errors) if errors else outcome,
+            f"step {previous}" if previous is not None else "none written yet"))
     return step_dir
 
 
@@ -374,6 +417,18 @@ def _agree_on_checkpoint(good: list[str], problems: dict, rank: int, world_size:
 
 # ---- export ----------------------------------------------------------------------------------------
 
+def _check_every_expert_saved(step_dir: Path, manifest: dict, saved: list[int]) -> None:
+    """A checkpoint written after workers were lost holds every expert only if each has a saved holder."""
+    from .placement import Placement
+    from .sync import orphaned_experts
+    if manifest.get("placement") is None:
+        return
+    orphans = orphaned_experts(Placement.from_dict(manifest["placement"]), saved)
+    if orphans:
+        raise CheckpointError(f"{step_dir} was written after ranks {manifest['lost_ranks']} were lost and lacks "
+                              f"{len(orphans)} experts (e.g. layer {orphans[0][0]} expert {orphans[0][1]})")
+
+
 def export_full_model(run_dir: str | os.PathLike, out_path: str | os.PathLike, step: int | None = None) -> dict:
     """Consolidate every expert from all shards into one safetensors state dict at ``out_path``.
 
@@ -388,7 +443,10 @@ def export_full_model(run_dir: str | os.PathLike, out_path: str | os.PathLike, s
     for d in reversed([d for d in _step_dirs(root) if step is None or d.name == _step_name(step)]):
         try:
             manifest = read_manifest(d)
-            paths = [verify_shard(d, r, manifest) for r in range(manifest["world_size"])]
+            saved = sorted(int(r) for r in manifest["shards"])
+            if manifest.get("lost_ranks"):
+                _check_every_expert_saved(d, manifest, saved)
+            paths = [verify_shard(d, r, manifest) for r in saved]
             break
         except CheckpointError as exc:
             problems.append(str(exc))
@@ -398,7 +456,7 @@ def export_full_model(run_dir: str | os.PathLike, out_path: str | os.PathLike, s
                               + (": " + "; ".join(problems) if problems else ""))
     merged: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
-    for r, path in enumerate(paths):
+    for r, path in zip(saved, paths):
         with safe_open(str(path), "pt") as f:
             skel = json.loads(f.metadata()["fomoe"])["state"]
             state = _unflatten(skel, f.get_tensor)

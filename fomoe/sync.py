@@ -22,6 +22,8 @@ every worker holds). Inside a bucket: dense parameters in model order, then expe
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -124,10 +126,13 @@ class Bucket:
 
 
 def build_schedule(layout: ParamLayout, placement: Placement | None, method: str, weighted: bool = False,
-                   compression: str | None = None, num_workers: int | None = None) -> list[Bucket]:
+                   compression: str | None = None, num_workers: int | None = None,
+                   live: Sequence[int] | None = None) -> list[Bucket]:
     """The buckets of one sync: one outer round (fomoe, diloco) or one step's gradients (ddp).
 
     ``placement`` may be None for ddp and diloco (full replicas of ``num_workers`` workers).
+    ``live``: the workers still in the run (default all): dense parameters are averaged over
+    them and each expert over its live holders (``ValueError`` if an expert has none).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -146,6 +151,14 @@ def build_schedule(layout: ParamLayout, placement: Placement | None, method: str
     if method in ("ddp", "diloco") and not placement.is_full():
         raise ValueError(f"method {method!r} needs full replicas (placement 'full'); got {placement!r}")
     everyone = tuple(range(placement.num_workers))
+    if live is not None:
+        everyone = tuple(sorted(set(int(r) for r in live)))
+        if not everyone or not set(everyone) <= set(range(placement.num_workers)):
+            raise ValueError(f"live ranks {list(everyone)} are not a non-empty subset of the run's "
+                             f"{placement.num_workers} workers")
+        orphans = orphaned_experts(placement, everyone)
+        if orphans:
+            raise ValueError(f"experts (layer, expert) {orphans[:8]} have no live holder among ranks {list(everyone)}")
     if method == "ddp":
         if weighted or compression is not None:
             raise ValueError("ddp all-reduces exact gradients: weighted averaging and compression do not apply")
@@ -154,9 +167,10 @@ def build_schedule(layout: ParamLayout, placement: Placement | None, method: str
     groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     if layout.dense_numel:
         groups[everyone] = []
+    alive = set(everyone)
     for l in range(layout.num_layers):
         for e in range(layout.num_experts):
-            groups.setdefault(tuple(placement.holders(l, e)), []).append((l, e))
+            groups.setdefault(tuple(r for r in placement.holders(l, e) if r in alive), []).append((l, e))
     order = sorted(groups, key=lambda ranks: (ranks != everyone, ranks))
     buckets = []
     for ranks in order:
@@ -166,6 +180,13 @@ def build_schedule(layout: ParamLayout, placement: Placement | None, method: str
         buckets.append(Bucket(ranks, numel, dense, experts, weighted=weighted and bool(experts),
                               compression=compression))
     return buckets
+
+
+def orphaned_experts(placement: Placement, live: Sequence[int]) -> list[tuple[int, int]]:
+    """(layer, expert) held by none of the ``live`` ranks: their parameters survive only in checkpoints."""
+    alive = set(live)
+    return [(l, e) for l in range(placement.num_layers) for e in range(placement.num_experts)
+            if not alive.intersection(placement.holders(l, e))]
 
 
 def schedule_traffic(buckets: Sequence[Bucket], rank: int) -> tuple[int, int]:
@@ -183,6 +204,26 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 # ---- the manager -----------------------------------------------------------------------------
+
+class ExpertsLost(RuntimeError):
+    """Workers were lost and some experts have no live holder left: their current parameters
+    existed only on the lost workers (replication r = 1, or every holder lost). The survivors
+    are consistent with each other (save a checkpoint) and must stop; resume every worker from
+    the last checkpoint that holds those experts."""
+
+    def __init__(self, lost: Sequence[int], experts: Sequence[tuple[int, int]], live: Sequence[int],
+                 progress: int) -> None:
+        self.lost, self.experts, self.live, self.progress = list(lost), list(experts), list(live), progress
+        shown = ", ".join(f"layer {l} expert {e}" for l, e in self.experts[:6]) + (" ..." if len(self.experts) > 6 else "")
+        super().__init__(f"{len(self.experts)} experts ({shown}) were held only by lost workers (lost ranks "
+                         f"{self.lost or 'earlier'}; live ranks {self.live}): the run cannot continue without them. "
+                         f"Save the survivors' state and resume every worker from the latest checkpoint "
+                         f"(replicate experts on r >= 2 workers to survive such a loss)")
+
+
+def _log(msg: str) -> None:
+    print(f"fomoe.sync: {msg}", file=sys.stderr, flush=True)
+
 
 @dataclass
 class _Segment:
@@ -234,11 +275,19 @@ class SyncManager:
                  transport: comm.Transport | None = None, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, weighted: bool = False, global_device: str | torch.device = "cpu",
                  compression: str | None = None, max_grad_norm: float | None = None,
-                 check_initial_state: bool = True) -> None:
+                 check_initial_state: bool = True, check_updates: bool = True, max_update_ratio: float | None = 100.0,
+                 joining: bool = False, on_membership_change=None, fault_hook=None) -> None:
         self.model, self.inner_optimizer = model, inner_optimizer
         self.method, self.rank, self.world_size = method, rank, world_size
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
         self.max_grad_norm, self.weighted = max_grad_norm, weighted
+        if max_update_ratio is not None and not max_update_ratio > 0:
+            raise ValueError(f"max_update_ratio must be positive or None, got {max_update_ratio!r}")
+        self.check_updates, self.max_update_ratio = check_updates, max_update_ratio
+        self.on_membership_change = on_membership_change   # called with each membership event
+        self.fault_hook = fault_hook   # fault-injection tests: called with (bucket, packed update) before a sum
+        self.events: list[dict] = []    # membership changes and dropped contributions, in order
+        self._joining, self._contributes, self._silent = joining, not joining, set()
         self.global_device = torch.device(global_device)
         if self.global_device.type == "cuda" and self.global_device.index is None:
             self.global_device = torch.device("cuda", torch.cuda.current_device())
@@ -249,7 +298,7 @@ class SyncManager:
             local_error = None
         except ValueError as exc:
             local_error = f"{exc}"
-        if world_size > 1:
+        if world_size > 1 and not joining:   # a joiner's configuration is checked when it is admitted
             summary = self.config_summary() if local_error is None else {"method": method, "sync_every": sync_every}
             comm.agree("sync-config", summary, "sync configuration", error=local_error)
         if local_error is not None:
@@ -260,7 +309,13 @@ class SyncManager:
         if transport.world_size != world_size or transport.rank != rank:
             raise ValueError(f"transport is rank {transport.rank} of {transport.world_size}, the manager was given "
                              f"rank {rank} of {world_size}")
+        if joining and not transport.fault_tolerant:
+            raise ValueError(f"joining a running federation needs a fault-tolerant transport, not {transport.name}")
         self.transport = transport
+        self.live = tuple(transport.live_ranks())
+        self._schedule_live = tuple(range(world_size))   # who the schedule was built for
+        self._wire_mark = ((transport.payload_sent, transport.payload_recv)
+                           if hasattr(transport, "payload_sent") else None)
 
         self._dense = self._dense_params()
         self.global_params: list[Tensor] = []
@@ -281,7 +336,7 @@ class SyncManager:
         self._residual: dict[int, Tensor] = {}   # error feedback of compressed buckets
         self._segment_kernels: bool | None = None
         self._tables: dict[int, tuple] = {}
-        if check_initial_state and world_size > 1:
+        if check_initial_state and world_size > 1 and not joining:
             self._check_identical_start()
 
         self.inner_step = 0
@@ -325,6 +380,7 @@ class SyncManager:
         """What every worker must agree on (also part of checkpoint manifests)."""
         return {"method": self.method, "sync_every": self.sync_every, "world_size": self.world_size,
                 "placement": self.placement.fingerprint(), "weighted": self.weighted,
+                "check_updates": self.check_updates, "max_update_ratio": self.max_update_ratio,
                 "compression": self.compression, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "dense_numel": self.layout.dense_numel,
                 "expert_numel": [list(l) for l in self.layout.expert_numel]}
@@ -427,39 +483,406 @@ class SyncManager:
         if self.method == "ddp":
             raise RuntimeError("ddp has no outer sync")
         start = time.perf_counter()
-        collectives = []
         with torch.no_grad():
-            for i in self.my_buckets:
-                collectives.append(self._sync_bucket(i))
+            pending = self._run_round()
+        return self._record(pending["collectives"], start)
+
+    def _allreduce_grads(self) -> dict:
+        start = time.perf_counter()
+        with torch.no_grad():
+            pending = self._run_round()
+        return self._record(pending["collectives"], start)
+
+    # A round (ddp: one step's gradients) is summed completely before it is applied. Over a
+    # fault-tolerant transport it survives the loss of workers: a commit barrier on the control
+    # plane (no payload bytes) means nobody applies a round before every member completed it;
+    # when a collective is interrupted, the survivors agree on who is left
+    # (``Transport.recover``) and then either apply the round (some survivor already did, so all
+    # of them hold its complete result) or run it again over the live holders (none did).
+
+    def _run_round(self) -> dict:
+        pending = None
+        while True:
+            try:
+                self._follow_membership()
+                if pending is None:
+                    pending = self._sum_round()
+                if self._fault_tolerant:
+                    self.transport.gather_text("commit", str(self._progress))
+                self._apply(pending)
+                return pending
+            except comm.MembershipChange:
+                if self._recover(pending) == "applied":
+                    return pending
+                pending = None
+
+    @property
+    def _progress(self) -> int:
+        """Rounds applied (ddp: steps), the counter every member must share."""
+        return self.inner_step if self.method == "ddp" else self.round
+
+    def _sum_round(self) -> dict:
+        """Every bucket of this round summed and averaged; nothing applied yet."""
+        staged = {"residual": {}, "grads": {}}
+        collectives = [self._sync_bucket(i, staged) for i in self.my_buckets]
+        return {"collectives": collectives, "staged": staged}
+
+    def _apply(self, pending: dict) -> None:
+        staged = pending["staged"]
+        if self.method == "ddp":
+            for i, buf in staged["grads"].items():
+                segs = self._segments[i]
+                dst = [s.param_grad(create=True) for s in segs]
+                src = list(buf.split([s.numel for s in segs]))
+                if all(d.device == buf.device and d.dtype == torch.float32 for d in dst):
+                    torch._foreach_copy_(dst, src)
+                else:
+                    for d, x in zip(dst, src):
+                        d.copy_(x)
+        else:
+            self._residual.update(staged["residual"])
             self.outer_optimizer.step()
             for p in self._held_params():
                 p.detach().copy_(self._global_of[id(p)], non_blocking=True)
-        self._reset_routing_counts()
-        self.round += 1
-        return self._record(collectives, start)
+            self._reset_routing_counts()
+            self.round += 1
+        self._contributes, self._silent = True, set()
 
-    def _sync_bucket(self, i: int) -> dict:
+    def _sync_bucket(self, i: int, staged: dict) -> dict:
+        bucket = self.buckets[i]
+        t0 = time.perf_counter()
+        silent = len(self._silent.intersection(bucket.ranks))
+        buf, counts, sent, recv = self._sum_bucket(i, staged, self._silent)
+        avg = self._average(i, buf, counts, len(bucket.ranks) - silent, staged)
+        record = {"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel, "experts": len(bucket.experts),
+                  "compression": bucket.compression, "sent": sent, "recv": recv}
+        if self.check_updates and self._suspicious(i, avg):
+            # Only now (rare) does anyone learn whose contribution was bad: one small exchange of
+            # every member's own verdict, then the sum again without the bad contributions.
+            dropped, s, r = self._blame(i)
+            sent, recv = sent + s, recv + r
+            if dropped:
+                skip = self._silent | set(dropped)
+                buf, counts, s, r = self._sum_bucket(i, staged, skip)
+                sent, recv = sent + s, recv + r
+                self._average(i, buf, counts, len(bucket.ranks) - len(skip.intersection(bucket.ranks)), staged)
+            record.update(sent=sent, recv=recv, dropped=dropped)
+        record["seconds"] = time.perf_counter() - t0 if self.global_device.type == "cpu" else None
+        return record
+
+    def _sum_bucket(self, i: int, staged: dict, skip: set):
+        """Pack this worker's contribution to bucket i (zeros if it is in ``skip``) and sum it."""
         bucket = self.buckets[i]
         dev = self.global_device
-        buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
         counts = None
-        if bucket.count_numel:
-            counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
-                device=dev, dtype=torch.float32)
-        self._pack(i, buf, counts)
-        if bucket.compression is not None and len(bucket.ranks) > 1:
-            # Error feedback: what compression loses this round is added back next round.
-            self._residual[i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
-        t0 = time.perf_counter()
+        if self.method == "ddp":
+            # Missing gradients (a parameter the step did not reach) count as zeros.
+            segs = self._segments[i]
+            grads = [s.param_grad() for s in segs]
+            parts = [torch.zeros(s.numel, device=dev) if g is None else g.to(dev, torch.float32)
+                     for s, g in zip(segs, grads)]
+            buf = torch.cat(parts) if parts else torch.empty(0, device=dev)
+        else:
+            buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
+            if bucket.count_numel:
+                counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
+                    device=dev, dtype=torch.float32)
+            self._pack(i, buf, counts)
+            if bucket.compression is not None and len(bucket.ranks) > 1:
+                # Error feedback: what compression loses this round is added back next round
+                # (staged until the round is applied, so a round run again starts from the same
+                # residual).
+                staged["residual"][i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
+        if self.fault_hook is not None:
+            self.fault_hook(i, buf)
+        if self.rank in skip:
+            buf.zero_()
+            if counts is not None:
+                counts.zero_()
+            if i in staged["residual"]:
+                staged["residual"][i] = torch.zeros_like(staged["residual"][i])  # a bad update's error is not kept
         sent, recv = self.transport.sum_(buf, bucket.ranks, bucket.compression)
         if counts is not None:
             s2, r2 = self.transport.sum_(counts, bucket.ranks, None)
             sent, recv = sent + s2, recv + r2
-        seconds = time.perf_counter() - t0
-        self._unpack(i, buf, counts)
-        return {"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel, "experts": len(bucket.experts),
-                "compression": bucket.compression, "sent": sent, "recv": recv,
-                "seconds": seconds if dev.type == "cpu" else None}
+        return buf, counts, sent, recv
+
+    def _average(self, i: int, buf: Tensor, counts: Tensor | None, contributors: int, staged: dict) -> list[Tensor]:
+        """The bucket's averaged update, in pieces (outer methods: θ_global's gradient; ddp: the
+        averaged gradients, staged until the round is applied)."""
+        n = float(max(contributors, 1))
+        if self.method == "ddp":
+            avg = buf.div_(n) if contributors else buf.zero_()
+            staged["grads"][i] = avg
+            return [avg]
+        if contributors:
+            self._unpack(i, buf, counts, n)
+        else:
+            for s in self._segments[i]:
+                s.grad.zero_()
+        return [s.grad for s in self._segments[i]]
+
+    # ---- bad contributions ------------------------------------------------------------------
+    #
+    # A worker's update can be broken (NaN/Inf from a diverged step, absurd values from corrupted
+    # memory or data). Every member of a bucket holds the same summed result (the ring makes it
+    # bitwise identical), so a check of the *averaged* update gives the same answer on every
+    # member at no communication cost: non-finite values, or an element larger than
+    # ``max_update_ratio`` times the largest weight of the bucket (maxima are exact, so all
+    # members decide alike). Only when it fires do the members exchange one number each, their
+    # verdict on their own contribution; the bad ones are left out and the rest summed again.
+
+    def _theta_amax(self, i: int) -> float:
+        segs = [s for s in self._segments[i] if s.numel]
+        return max((float(s.global_.abs().max()) for s in segs), default=0.0)
+
+    def _suspicious(self, i: int, avg: list[Tensor]) -> bool:
+        avg = [a for a in avg if a.numel()]
+        if not avg:
+            return False
+        if not all(bool(torch.isfinite(a).all()) for a in avg):
+            return True
+        if self.max_update_ratio is None or self.method == "ddp":
+            return False
+        return max(float(a.abs().max()) for a in avg) > self.max_update_ratio * self._theta_amax(i)
+
+    def _own_verdict(self, i: int) -> float:
+        """NaN if this worker's contribution to bucket i is not finite, else its largest element
+        relative to the bucket's largest weight (0 for ddp, where only finiteness is checked)."""
+        bucket = self.buckets[i]
+        if self.rank in self._silent:
+            return 0.0
+        staged = {"residual": {}, "grads": {}}
+        if self.method == "ddp":
+            buf = torch.cat([torch.zeros(s.numel) if s.param_grad() is None else s.param_grad().float().cpu()
+                             for s in self._segments[i]])
+        else:
+            buf = torch.empty(bucket.numel, dtype=torch.float32, device=self.global_device)
+            self._pack(i, buf, None)
+            if bucket.compression is not None and len(bucket.ranks) > 1:
+                staged["residual"][i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
+        if self.fault_hook is not None:
+            self.fault_hook(i, buf)
+        if not bool(torch.isfinite(buf).all()):
+            return float("nan")
+        if self.method == "ddp" or buf.numel() == 0:
+            return 0.0
+        theta = self._theta_amax(i)
+        return float(buf.abs().max()) / theta if theta > 0 else 0.0
+
+    def _blame(self, i: int) -> tuple[dict, int, int]:
+        bucket = self.buckets[i]
+        n, pos = len(bucket.ranks), bucket.ranks.index(self.rank)
+        verdicts = torch.zeros(n, dtype=torch.float32, device=self.global_device)
+        verdicts[pos] = self._own_verdict(i)
+        sent, recv = self.transport.sum_(verdicts, bucket.ranks, None)   # x + 0 == x: every slot exact
+        limit = math.inf if self.method == "ddp" or self.max_update_ratio is None else self.max_update_ratio
+        dropped = {}
+        for r, v in zip(bucket.ranks, verdicts.tolist()):
+            if not math.isfinite(v):
+                dropped[r] = "non-finite update"
+            elif v > limit:
+                dropped[r] = f"update {v:.3g}x the largest weight (limit {limit:g})"
+        if dropped:
+            what = f"{len(bucket.experts)} experts" + (", dense parameters" if bucket.dense_numel else "")
+            self.events.append({"event": "dropped", "round": self.round, "step": self.inner_step, "bucket": i,
+                                "ranks": list(bucket.ranks), "dropped": dict(dropped)})
+            if self.rank == min(bucket.ranks):
+                _log(f"{'step' if self.method == 'ddp' else 'round'} {self._progress}: dropped the contribution "
+                     "of " + "; ".join(f"rank {r} ({why})" for r, why in sorted(dropped.items())) +
+                     f" to bucket {i} (ranks {list(bucket.ranks)}: {what})")
+            if dropped.get(self.rank) == "non-finite update":
+                self._heal_inner_optimizer()
+        return dropped, sent, recv
+
+    def _heal_inner_optimizer(self) -> None:
+        """Forget inner-optimizer state that went non-finite (it would poison every later step)."""
+        for p in list(self.inner_optimizer.state):
+            st = self.inner_optimizer.state[p]
+            if any(isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+                   for v in st.values()):
+                del self.inner_optimizer.state[p]
+
+    # ---- membership ---------------------------------------------------------------------------
+
+    @property
+    def _fault_tolerant(self) -> bool:
+        return self.transport.fault_tolerant and self.world_size > 1
+
+    def _follow_membership(self) -> None:
+        # A change the transport agreed on outside a sync (e.g. while coordinating a checkpoint).
+        if self._fault_tolerant and tuple(self.transport.live_ranks()) != self.live:
+            raise comm.MembershipChange("the run's members changed since the last round")
+
+    def recover(self) -> None:
+        """Bring this worker in line with the others after a ``comm.MembershipChange`` raised
+        outside ``step()`` (e.g. by a checkpoint or a metrics exchange). Every live worker must
+        call it (the others do so at their next collective)."""
+        with torch.no_grad():
+            self._recover(None)
+
+    def _status(self) -> dict:
+        return {"progress": self._progress, "joining": self._joining, "contributes": self._contributes,
+                "config": self.config_summary(), "code": comm.code_fingerprint()}
+
+    def _recover(self, pending: dict | None) -> str:
+        """Agree on the live workers, then bring this worker's round to a state every survivor
+        shares, and hand the state to joiners. Returns "applied" if this worker applied its
+        pending round here, else "retry"."""
+        import json
+        while True:
+            try:
+                live = self.transport.recover()
+                status = {r: json.loads(t) for r, t in self.transport.gather_text(
+                    "status", json.dumps(self._status())).items()}
+                self._check_statuses(status)
+                joiners = sorted(r for r, st in status.items() if st["joining"])
+                members = [r for r in live if r not in joiners]
+                lost, added = sorted(set(self.live) - set(live)), sorted(set(live) - set(self.live))
+                if lost or added:
+                    self._membership_event(live, lost, added)
+                orphans = orphaned_experts(self.placement, members)
+                if orphans:
+                    raise ExpertsLost(lost, orphans, members, self._progress)
+                behind = min(status[r]["progress"] for r in members)
+                ahead = max(status[r]["progress"] for r in members)
+                outcome = "retry"
+                if not self._joining and self._progress < ahead:
+                    # A peer applied this round, so every member completed it (commit barrier).
+                    if pending is None:
+                        raise RuntimeError(f"rank {self.rank}: round {self._progress} was applied by a peer but "
+                                           f"is not complete here; the workers are out of step")
+                    self._apply(pending)
+                    outcome = "applied"
+                self._rebuild(live)
+                # Workers that hold no update of their own sit out the round run again next (their
+                # contribution is zero and not counted); if a peer is ahead, nothing is run again.
+                quiet = {r for r in live if not status[r]["contributes"]}
+                self._silent = quiet if behind == ahead else set()
+                if joiners:
+                    if self.method == "ddp":
+                        raise RuntimeError("a ddp run cannot admit a restarted worker (its inner optimizer state "
+                                           "lives on every replica); restart every worker from a checkpoint")
+                    self._transfer_state(joiners, status, members, behind, ahead)
+                return outcome
+            except comm.MembershipChange:
+                continue
+
+    def _check_statuses(self, status: dict) -> None:
+        first = min(status)
+        base = status[first]
+        for r, st in sorted(status.items()):
+            diff = comm._differences({"code": st["code"], **st["config"]}, {"code": base["code"], **base["config"]})
+            if diff:
+                raise ValueError(f"rank {r} cannot take part in this run: " + ", ".join(
+                    f"{k}={a!r} where rank {first} has {b!r}" for k, a, b in diff))
+        progress = {st["progress"] for st in status.values() if not st["joining"]}
+        if progress and max(progress) - min(progress) > 1:
+            raise RuntimeError(f"workers are more than one round apart after a membership change: {sorted(progress)}")
+
+    def _membership_event(self, live, lost, added) -> None:
+        event = {"event": "membership", "round": self.round, "step": self.inner_step, "live": list(live),
+                 "lost": lost, "joined": added, "time": time.time()}
+        changes = [e for e in getattr(self.transport, "events", []) if e.get("event") == "membership"]
+        if changes:
+            event["details"] = changes[-1].get("details", {})
+            event["agreement_s"] = changes[-1].get("agreement_s")
+        self.events.append(event)
+        if self.on_membership_change is not None:
+            self.on_membership_change(event)
+
+    def _rebuild(self, live: Sequence[int]) -> None:
+        """The schedule over the ``live`` workers; error-feedback residuals follow their parameters."""
+        live = tuple(live)
+        self.live = live
+        if live == self._schedule_live:
+            return
+        pieces = {}
+        for i, r in self._residual.items():
+            for s in self._segments.get(i, []):
+                pieces[(id(s.param), s.slot)] = r[s.offset:s.offset + s.numel]
+        self.buckets = build_schedule(self.layout, self.placement, self.method, self.weighted, self.compression,
+                                      live=live)
+        self.my_buckets = [i for i, b in enumerate(self.buckets) if self.rank in b.ranks]
+        self.expected_traffic = schedule_traffic(self.buckets, self.rank)
+        self._segments = {i: self._bucket_segments(self.buckets[i]) for i in self.my_buckets}
+        self._tables.clear()
+        self._residual = {}
+        for i in self.my_buckets:
+            b = self.buckets[i]
+            if pieces and b.compression is not None and len(b.ranks) > 1:
+                r = torch.zeros(b.numel, dtype=torch.float32, device=self.global_device)
+                for s in self._segments[i]:
+                    piece = pieces.get((id(s.param), s.slot))
+                    if piece is not None:
+                        r[s.offset:s.offset + s.numel] = piece
+                self._residual[i] = r
+        self._schedule_live = live
+
+    # A joiner (a restarted worker) holds no current state. Every bucket it is a member of is
+    # copied to it from the lowest-ranked other member — θ_global, then the outer momentum — as a
+    # sum in which everyone else contributes -0.0 (x + -0.0 == x, bitwise). If the survivors run
+    # their round again next, the joiner takes part silently and applies the same outer step, so
+    # it ends the round bitwise identical to the other holders.
+
+    def _transfer_state(self, joiners, status, members, behind: int, ahead: int) -> None:
+        for i in self.my_buckets:
+            b = self.buckets[i]
+            if not set(b.ranks) & set(joiners):
+                continue
+            source = min(r for r in b.ranks if r not in joiners)
+            segs = self._segments[i]
+            for part in ("theta", "momentum"):
+                buf = torch.full((b.numel,), -0.0, dtype=torch.float32, device=self.global_device)
+                if self.rank == source:
+                    for s in segs:
+                        buf[s.offset:s.offset + s.numel] = self._outer_state(s, part)
+                self.transport.sum_(buf, b.ranks, None)
+                if self.rank in joiners:
+                    for s in segs:
+                        self._outer_state(s, part, create=True).copy_(buf[s.offset:s.offset + s.numel])
+        if self.rank in joiners:
+            self.round = ahead
+            self.inner_step = (behind + 1) * self.sync_every
+            self._residual = {}
+            for p in self._held_params():
+                p.detach().copy_(self._global_of[id(p)])
+            self._reset_routing_counts()
+            self._joining = False
+            self._contributes = behind != ahead   # else: silent in the round the others run again now
+            # silent: the others run this round again now and this worker takes part without an
+            # update of its own (it has none yet).
+            self.events.append({"event": "joined", "round": self.round, "step": self.inner_step,
+                                "time": time.time(), "live": list(self.live), "silent": not self._contributes})
+
+    def _outer_state(self, s: "_Segment", part: str, create: bool = False) -> Tensor:
+        if part == "theta":
+            return s.global_
+        g = self._global_of[id(s.param)]
+        buf = self.outer_optimizer.state.get(g, {}).get("momentum_buffer")
+        if buf is None:
+            if not create:
+                return torch.zeros(s.numel, device=self.global_device)
+            buf = self.outer_optimizer.state[g]["momentum_buffer"] = torch.zeros_like(g)
+        return (buf if s.slot is None else buf[s.slot]).reshape(-1)
+
+    def rejoin(self) -> dict:
+        """Enter a running federation as a restarted worker (this manager was built with
+        ``joining=True`` over a transport opened with ``join=True``).
+
+        The survivors admit it at their next collective; it receives θ_global and the outer
+        momentum of every parameter it holds from a peer (its own experts included, so nothing
+        it held before is needed), then takes part in the round the survivors are running, if
+        any. Returns {"round", "inner_step"}: continue training from there. The inner optimizer
+        keeps whatever state the caller gave it (fresh, or restored from a checkpoint)."""
+        if not self._joining:
+            raise RuntimeError("rejoin() is for a SyncManager constructed with joining=True")
+        with torch.no_grad():
+            self._recover(None)
+            if not self._contributes:
+                self._run_round()
+        return {"round": self.round, "inner_step": self.inner_step}
+
 
     # Pack Δ = θ_global − θ_local into a bucket (times this worker's token counts if weighted)
     # and unpack the summed bucket as the average into θ_global's gradient. On CUDA one kernel
@@ -476,8 +899,8 @@ class SyncManager:
             if counts is not None and s.expert is not None:
                 out.mul_(counts[s.expert])
 
-    def _unpack(self, i: int, buf: Tensor, counts: Tensor | None) -> None:
-        n = float(len(self.buckets[i].ranks))
+    def _unpack(self, i: int, buf: Tensor, counts: Tensor | None, n: float | None = None) -> None:
+        n = float(len(self.buckets[i].ranks)) if n is None else n
         if self._use_segment_kernels():
             _, table = self._segment_tables(i)
             torch.ops.fomoe_comm.unpack_average(buf, table, counts, n)
@@ -518,34 +941,6 @@ class SyncManager:
         self._tables[i] = (ptrs, tables[0], tables[1])
         return tables[0], tables[1]
 
-    def _allreduce_grads(self) -> dict:
-        start = time.perf_counter()
-        collectives = []
-        with torch.no_grad():
-            for i in self.my_buckets:
-                bucket, segs = self.buckets[i], self._segments[i]
-                dev = self.global_device
-                # Missing gradients (a parameter the step did not reach) count as zeros.
-                grads = [s.param_grad() for s in segs]
-                parts = [torch.zeros(s.numel, device=dev) if g is None else g.to(dev, torch.float32)
-                         for s, g in zip(segs, grads)]
-                buf = torch.cat(parts) if parts else torch.empty(0, device=dev)
-                t0 = time.perf_counter()
-                sent, recv = self.transport.sum_(buf, bucket.ranks)
-                seconds = time.perf_counter() - t0
-                buf.div_(len(bucket.ranks))
-                dst = [s.param_grad(create=True) for s in segs]
-                src = list(buf.split([s.numel for s in segs]))
-                if all(d.device == dev and d.dtype == torch.float32 for d in dst):
-                    torch._foreach_copy_(dst, src)
-                else:
-                    for d, x in zip(dst, src):
-                        d.copy_(x)
-                collectives.append({"bucket": i, "ranks": list(bucket.ranks), "numel": bucket.numel,
-                                    "experts": len(bucket.experts), "compression": None, "sent": sent, "recv": recv,
-                                    "seconds": seconds if self.global_device.type == "cpu" else None})
-        return self._record(collectives, start)
-
     def _slot(self, layer: int, expert: int) -> int:
         return int(self.moes[layer].resident_map[expert])
 
@@ -562,6 +957,15 @@ class SyncManager:
         self.bytes_recv += recv
         rec = {"method": self.method, "step": self.inner_step, "round": self.round, "bytes_sent": sent,
                "bytes_recv": recv, "seconds": time.perf_counter() - start, "collectives": collectives}
+        dropped = {c["bucket"]: c["dropped"] for c in collectives if c.get("dropped")}
+        if dropped:
+            rec["dropped"] = dropped
+        if self._wire_mark is not None:
+            # Everything this worker's transport moved since the last record, including the bytes of
+            # collectives that a membership change interrupted.
+            now = (self.transport.payload_sent, self.transport.payload_recv)
+            rec["wire_sent"], rec["wire_recv"] = now[0] - self._wire_mark[0], now[1] - self._wire_mark[1]
+            self._wire_mark = now
         self.history.append(rec)
         return rec
 

@@ -1,0 +1,191 @@
+"""Workers of the reliability tests and of bench/reliability.py: the federation tests' tiny MoE
+net trained over the fault-tolerant TCP transport, with faults injected on request.
+
+``ft_worker(ctx, spec)`` runs under ``fomoe.launch.spawn``; ``spec`` (a dict) says what to do:
+
+- ``token``, ``placement`` (JSON), ``steps``, ``sync_every``, ``method``, ``seed``;
+- ``peer_timeout_s``, ``min_bandwidth_mbps``: the transport's options;
+- ``step_s``: seconds each inner step takes at least (spreads a run over time, so a kill at a
+  random moment lands anywhere: in compute, in a sync, in a recovery);
+- ``kill_at``: {rank: step} — that worker SIGKILLs itself after that inner step;
+- ``inject``: {rank: {"round": r, "kind": "nan" | "inf" | "huge"}} — corrupt that worker's
+  update in that round (through ``SyncManager.fault_hook``);
+- ``run_dir``: checkpoints go there (on ``ExpertsLost`` the survivors save one and stop);
+- ``join``: this worker restarts into a running run (``TcpTransport(join=True)``);
+- ``netns``: {rank: namespace}: run that worker inside a network namespace;
+- ``peers``: explicit addresses instead of the store rendezvous.
+
+It returns a dict: status ("finished" / "stopped: ..." / "excluded: ..."), losses, final
+θ_global, membership events with detection times, bytes, per-round sync seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from federation_workers import batch_for, inner_optimizer, make_model
+
+
+def _fault_hook(spec: dict, rank: int, mgr_ref: list, recorded: list):
+    """Records every packed contribution (when ``spec["record"]``) and corrupts the ones
+    ``spec["inject"]`` names."""
+    plan = (spec.get("inject") or {}).get(str(rank))
+    record = spec.get("record")
+    if not plan and not record:
+        return None
+
+    def hook(bucket: int, buf: torch.Tensor) -> None:
+        mgr = mgr_ref[0]
+        if plan and mgr.round == plan["round"] and buf.numel():
+            kind = plan["kind"]
+            if kind == "nan":
+                buf[buf.numel() // 2] = float("nan")
+            elif kind == "inf":
+                buf[0] = float("inf")
+            elif kind == "huge":
+                buf.mul_(1e9)
+            else:
+                raise ValueError(f"unknown injection {kind!r}")
+        if record:
+            b = mgr.buckets[bucket]
+            recorded.append({"round": mgr.round, "ranks": list(b.ranks), "experts": list(b.experts),
+                             "dense": b.dense_numel, "buf": buf.clone()})
+    return hook
+
+
+def averaged_updates(mgr) -> list[dict]:
+    """θ_global's gradient of every bucket of this worker after a sync: the averaged update."""
+    out = []
+    for i in mgr.my_buckets:
+        b = mgr.buckets[i]
+        out.append({"round": mgr.round - 1, "ranks": list(b.ranks), "experts": list(b.experts), "dense": b.dense_numel,
+                    "avg": torch.cat([s.grad for s in mgr._segments[i]]).clone()})
+    return out
+
+
+def enter_netns(name: str) -> None:
+    """Move this process (its future sockets) into the network namespace ``name``."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+    finally:
+        os.close(fd)
+
+
+def ft_worker(ctx, spec: dict) -> dict:
+    from fomoe import checkpoint, comm
+    from fomoe.placement import Placement
+    from fomoe.sync import ExpertsLost, SyncManager
+    from fomoe.tcp import TcpOptions, TcpTransport
+
+    rank, world = ctx.rank, ctx.world_size
+    if spec.get("debug_dump_s"):
+        import faulthandler, sys
+        faulthandler.dump_traceback_later(spec["debug_dump_s"], exit=False, file=sys.stderr)
+    netns = (spec.get("netns") or {}).get(str(rank))
+    if netns:
+        enter_netns(netns)
+    placement = Placement.from_json(spec["placement"])
+    options = TcpOptions(peer_timeout_s=spec.get("peer_timeout_s", 5.0),
+                         min_bandwidth_mbps=spec.get("min_bandwidth_mbps", 10.0),
+                         stall_timeout_s=spec.get("stall_timeout_s", 300.0))
+    join = bool(spec.get("join"))
+    peers = spec.get("peers")
+    transport = TcpTransport(rank, world, token=spec["token"], options=options, join=join, peers=peers)
+    model = make_model(placement, rank, spec.get("seed", 0))
+    opt = inner_optimizer(model)
+    mgr_ref, recorded, averages = [None], [], []
+    H = spec.get("sync_every", 2)
+    mgr = SyncManager(model, opt, method=spec.get("method", "fomoe"), sync_every=H, placement=placement,
+                      rank=rank, world_size=world, transport=transport, joining=join,
+                      fault_hook=_fault_hook(spec, rank, mgr_ref, recorded))
+    mgr_ref[0] = mgr
+    start = 0
+    if join:
+        start = mgr.rejoin()["inner_step"]
+    run_dir = spec.get("run_dir")
+    if run_dir:
+        Path(run_dir, f"started-{rank}").write_text(str(time.time()))
+    kill_at = (spec.get("kill_at") or {}).get(str(rank))
+    step_s = spec.get("step_s", 0.0)
+    losses, sync_s, status = {}, [], "finished"
+    step = start
+    try:
+        for step in range(start, spec["steps"]):
+            t0 = time.monotonic()
+            loss = model.loss(batch_for(rank, step, spec.get("seed", 0)))
+            loss.backward()
+            losses[step] = loss.item()
+            left = step_s - (time.monotonic() - t0)
+            if left > 0:
+                time.sleep(left)
+            rec = mgr.step()
+            if rec is not None:
+                sync_s.append(rec["seconds"])
+                if spec.get("record"):
+                    averages.extend(averaged_updates(mgr))
+            if kill_at is not None and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if spec.get("save_at_end") and run_dir:
+            checkpoint.save(run_dir, mgr.inner_step, model=model, sync_manager=mgr, inner_optimizer=opt,
+                            rank=rank, world_size=world)
+    except ExpertsLost as exc:
+        status = f"stopped: {exc}"
+        if run_dir:
+            # The survivors are consistent with each other: save them, then stop.
+            for p in mgr._held_params():
+                p.detach().copy_(mgr._global_of[id(p)])
+            checkpoint.save(run_dir, mgr.round * H, model=model, sync_manager=mgr, inner_optimizer=opt,
+                            rank=rank, world_size=world)
+    except (comm.Excluded, comm.QuorumLost) as exc:
+        status = f"excluded: {exc}"
+    theta = {k: v.detach().clone() for k, v in mgr.global_state().items()}
+    out = {"rank": rank, "status": status, "losses": losses, "theta": theta, "round": mgr.round,
+           "inner_step": mgr.inner_step, "live": list(mgr.live), "events": mgr.events,
+           "transport_events": transport.events, "sync_s": sync_s, "bytes": (mgr.bytes_sent, mgr.bytes_recv),
+           "payload": (transport.payload_sent, transport.payload_recv),
+           "overhead": (transport.overhead_sent, transport.overhead_recv),
+           "expected_traffic": list(mgr.expected_traffic), "history": mgr.history, "refused": transport.refused,
+           "started_at": start, "finished_at": time.time(), "recorded": recorded, "averages": averages,
+           "finite": all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())}
+    transport.close()
+    return out
+
+
+def timed_killer(run_dir: str, victim: int, at_s: float, signal_no: int = signal.SIGKILL, world: int = 0):
+    """An ``on_start`` callback for ``fomoe.launch.spawn``: once every worker started training
+    (their ``started-*`` files), send ``signal_no`` to worker ``victim`` after ``at_s`` seconds.
+    The kill time lands in ``run_dir/killed`` (wall clock)."""
+    import threading
+
+    def run(procs) -> None:
+        n = world or len(procs)
+        deadline = time.time() + 120
+        while time.time() < deadline and sum(Path(run_dir, f"started-{r}").exists() for r in range(n)) < n:
+            time.sleep(0.01)
+        time.sleep(at_s)
+        pid = procs[victim].pid
+        t = time.time()
+        try:
+            os.kill(pid, signal_no)
+        except ProcessLookupError:
+            return
+        Path(run_dir, "killed").write_text(json.dumps({"rank": victim, "time": t, "signal": int(signal_no)}))
+        if signal_no == signal.SIGSTOP:
+            # A frozen worker: thaw it later so it finds out it was excluded, and exits.
+            time.sleep(30)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    return lambda procs: threading.Thread(target=run, args=(procs,), daemon=True).start()
