@@ -238,6 +238,10 @@ class TcpTransport(comm.Transport):
             bind = bind or addresses[rank][0]
             port = addresses[rank][1]
         self._listener = self._listen(bind or "127.0.0.1", port)
+        # Connections this worker dials leave from the bound address too (unless it is a
+        # wildcard), so all of the run's traffic uses the interface the user chose.
+        bound = self._listener.getsockname()[0]
+        self._source = None if bound in ("0.0.0.0", "::") else (bound, 0)
         # advertise: what peers dial, "host" or "host:port" (a NAT, port forward or relay in front)
         host = bind if bind not in (None, "", "0.0.0.0", "::") else socket.gethostname()
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -298,7 +302,8 @@ class TcpTransport(comm.Transport):
         last = None
         while True:
             try:
-                sock = socket.create_connection((host, port), timeout=min(10.0, max(0.1, deadline - time.monotonic())))
+                sock = socket.create_connection((host, port), timeout=min(10.0, max(0.1, deadline - time.monotonic())),
+                                                source_address=self._source)
                 break
             except OSError as exc:
                 last = exc
