@@ -24,9 +24,13 @@ One home per concept:
   optimizer temporaries and the sync buffers.
 - **time** (``Plan.step_seconds`` / ``Plan.comm_seconds``): compute from FLOPs per token at an
   achieved FLOP rate (or a measured tokens/s), with skip-token cutting the expert FLOPs of
-  fomoe to the share of assignments a worker keeps; communication as the sync manager runs it:
-  the worker's buckets one after another, each ring step paying the link latency, bytes over
-  the link bandwidth (full duplex), an optional share hidden behind compute.
+  fomoe to the share of assignments a worker keeps; communication as the sync manager runs it
+  (``sync_seconds``): every worker runs its buckets one after another and a bucket starts when
+  all its members are free (so the time of a sync is the critical path through the schedule,
+  not one worker's sum); each ring step pays the one-way link latency and its bytes over the
+  link bandwidth (full duplex); on a lossy link every lost TCP segment holds the stream for one
+  round trip (the model ``fomoe.relay`` shapes links with); an optional share hidden behind
+  compute. ``tcp_options`` proposes the TCP transport's timeouts for a schedule and a link.
 
 A *worker* is one memory domain: one GPU, or ``gpus_per_worker`` GPUs that shard its state
 evenly (so per-GPU memory is the worker's divided by that count).
@@ -45,6 +49,7 @@ from typing import Sequence
 
 from . import comm
 from .placement import Placement, PlacementError
+from .relay import SEGMENT_BYTES
 from .sync import METHODS, Bucket, ParamLayout, build_schedule
 
 GiB = 2 ** 30
@@ -387,12 +392,20 @@ class Hardware:
 @dataclass(frozen=True)
 class Link:
     """The link of every worker: bandwidth in Gbit/s (each direction), one-way latency paid by
-    every sequential message of a collective, and the share of communication hidden behind
-    compute (0: blocking syncs, as fomoe runs them today)."""
+    every sequential message of a collective, the share of communication hidden behind
+    compute (0: blocking syncs, as fomoe runs them today), and the TCP segment loss rate.
+
+    Loss as a TCP stream sees it: no byte is lost, but each lost segment (``segment_bytes``)
+    holds the stream for one round trip (``2 * latency``) until the retransmission arrives, so
+    B bytes cost ``B / segment_bytes * loss * 2 * latency`` extra on average. Congestion control
+    (the window halving after a loss) is not modelled: on real TCP a lossy long link is slower.
+    """
 
     bandwidth_gbps: float = 10.0
     latency_ms: float = 30.0
     overlap: float = 0.0
+    loss: float = 0.0
+    segment_bytes: int = SEGMENT_BYTES
 
     def __post_init__(self) -> None:
         if not self.bandwidth_gbps > 0:
@@ -401,9 +414,20 @@ class Link:
             raise PlanError(f"latency must be >= 0, got {self.latency_ms} ms")
         if not 0 <= self.overlap <= 1:
             raise PlanError(f"overlap must be in [0, 1], got {self.overlap}")
+        if not 0 <= self.loss < 1:
+            raise PlanError(f"loss must be in [0, 1), got {self.loss}")
+        if not isinstance(self.segment_bytes, int) or self.segment_bytes < 1:
+            raise PlanError(f"segment_bytes must be a positive integer, got {self.segment_bytes!r}")
+
+    def transfer_seconds(self, nbytes: float, messages: int, bandwidth_gbps: float | None = None) -> float:
+        """Time of ``messages`` sequential messages carrying ``nbytes`` in all over this link."""
+        bw = (bandwidth_gbps or self.bandwidth_gbps) * 1e9 / 8
+        latency = self.latency_ms / 1e3
+        return nbytes / bw + messages * latency + nbytes / self.segment_bytes * self.loss * 2 * latency
 
     def describe(self) -> str:
         return (f"link {_fmt_bandwidth(self.bandwidth_gbps)}, {self.latency_ms:g} ms"
+                f"{f', {self.loss:.2%} segment loss' if self.loss else ''}"
                 f"{f', {self.overlap:.0%} overlapped' if self.overlap else ', no overlap'}")
 
 
@@ -675,8 +699,8 @@ class RankTraffic:
     messages: int
 
     def seconds(self, link: Link, bandwidth_gbps: float | None = None) -> float:
-        bw = (bandwidth_gbps or link.bandwidth_gbps) * 1e9 / 8
-        return self.link_bytes / bw + self.messages * link.latency_ms / 1e3
+        """This worker's own communication time (waiting for other workers not included)."""
+        return link.transfer_seconds(self.link_bytes, self.messages, bandwidth_gbps)
 
 
 def rank_traffic(buckets: Sequence[Bucket], num_workers: int) -> list[RankTraffic]:
@@ -692,6 +716,83 @@ def rank_traffic(buckets: Sequence[Bucket], num_workers: int) -> list[RankTraffi
             a[2] += max(s, v)
             a[3] += bucket_messages(b, r)
     return [RankTraffic(*a) for a in acc]
+
+
+@dataclass(frozen=True)
+class BucketCost:
+    """What one bucket costs each of its members: link bytes (each step's send and receive
+    overlap) and sequential messages, in the order of ``ranks``."""
+
+    ranks: tuple[int, ...]
+    link_bytes: tuple[int, ...]
+    messages: tuple[int, ...]
+
+    @classmethod
+    def of(cls, bucket: Bucket) -> "BucketCost":
+        link_bytes = tuple(max(bucket.traffic(r)) for r in bucket.ranks)
+        return cls(bucket.ranks, link_bytes, tuple(bucket_messages(bucket, r) for r in bucket.ranks))
+
+    def seconds(self, link: Link, bandwidth_gbps: float | None = None) -> float:
+        """The ring runs in lockstep: its slowest member sets the pace."""
+        return max(link.transfer_seconds(b, m, bandwidth_gbps) for b, m in zip(self.link_bytes, self.messages))
+
+
+def sync_seconds(buckets: Sequence[Bucket | BucketCost], num_workers: int, link: Link,
+                 bandwidth_gbps: float | None = None, commit_barrier: bool = False) -> float:
+    """Wall-clock of one sync that every worker starts at the same moment.
+
+    Every worker runs its buckets in schedule order; a bucket starts when all its members have
+    finished their earlier buckets and lasts as long as its slowest member's ring (so a worker
+    may wait for a group it is not in to release a partner: the critical path, not one
+    worker's sum). ``commit_barrier``: the fault-tolerant TCP transport ends each round with a
+    commit barrier on its control plane, one more one-way message after the last bucket.
+    """
+    free = [0.0] * num_workers
+    for b in buckets:
+        cost = b if isinstance(b, BucketCost) else BucketCost.of(b)
+        if not any(cost.messages):
+            continue
+        start = max(free[r] for r in cost.ranks)
+        end = start + cost.seconds(link, bandwidth_gbps)
+        for r in cost.ranks:
+            free[r] = end
+    total = max(free, default=0.0)
+    if commit_barrier and num_workers > 1:
+        total += link.latency_ms / 1e3
+    return total
+
+
+def tcp_options(buckets: Sequence[Bucket | BucketCost], num_workers: int, link: Link, compute_seconds: float = 0.0,
+                margin: float = 4.0, floor_s: float = 30.0) -> dict:
+    """Timeouts for ``fomoe.tcp.TcpOptions`` that follow the schedule and the link instead of
+    hand-tuning (keyword arguments for ``TcpOptions(**...)``).
+
+    ``peer_timeout_s``: silence after which a peer counts as lost: ``margin`` x the longest
+    silence a healthy peer can show (one message's latency and loss stalls on top of the longest
+    single ring step of the schedule), at least ``floor_s`` (heartbeats are sent every fifth of
+    it, and a busy host can delay a heartbeat by seconds). ``min_bandwidth_mbps``: the link's
+    bandwidth divided by ``margin`` (with loss, the rate loss stalls leave), so a transfer's
+    deadline allows ``margin`` x its modelled time. ``stall_timeout_s``: a live peer may send
+    nothing for one compute phase between syncs (``compute_seconds``, e.g. H inner steps) plus
+    a sync: ``margin`` x that, at least ten minutes.
+    """
+    if not margin >= 1:
+        raise PlanError(f"margin must be >= 1, got {margin}")
+    costs = [b if isinstance(b, BucketCost) else BucketCost.of(b) for b in buckets]
+    longest_step = 0.0
+    for c in costs:
+        for nbytes, msgs in zip(c.link_bytes, c.messages):
+            if msgs:
+                longest_step = max(longest_step, link.transfer_seconds(nbytes / msgs, 1))
+    sync = sync_seconds(costs, num_workers, link, commit_barrier=True)
+    rate = link.bandwidth_gbps * 1e3
+    if link.loss:
+        # bytes per second once loss stalls are paid: one segment every segment/rate + loss x RTT
+        seg_s = link.segment_bytes * 8 / (rate * 1e6) + link.loss * 2 * link.latency_ms / 1e3
+        rate = link.segment_bytes * 8 / seg_s / 1e6
+    return {"peer_timeout_s": max(floor_s, margin * longest_step),
+            "min_bandwidth_mbps": rate / margin,
+            "stall_timeout_s": max(600.0, margin * (compute_seconds + sync))}
 
 
 # ---- the plan ------------------------------------------------------------------------------------
@@ -822,9 +923,16 @@ class Plan:
             return self.tokens_per_step / hw.tokens_per_s * flops / self.shape.train_flops_per_token(seq)
         return self.tokens_per_step * flops / (hw.tflops * 1e12 * hw.gpus_per_worker)
 
-    def comm_seconds(self, method: str, bandwidth_gbps: float | None = None) -> float:
-        """Communication time of one sync (the slowest worker)."""
-        return max(t.seconds(self.link, bandwidth_gbps) for t in self.traffic(method))
+    def bucket_costs(self, method: str) -> list[BucketCost]:
+        key = ("costs", _check_method(method))
+        if key not in self._cache:
+            self._cache[key] = [BucketCost.of(b) for b in self.buckets(method)]
+        return self._cache[key]
+
+    def comm_seconds(self, method: str, bandwidth_gbps: float | None = None, commit_barrier: bool = False) -> float:
+        """Communication time of one sync (``sync_seconds``: the critical path through the
+        schedule; ``commit_barrier`` for the fault-tolerant TCP transport's end-of-round barrier)."""
+        return sync_seconds(self.bucket_costs(method), self.workers, self.link, bandwidth_gbps, commit_barrier)
 
     def _window(self, method: str) -> float:
         """Compute that one sync's communication can hide behind."""
@@ -852,17 +960,25 @@ class Plan:
         (inf when latency alone exceeds it)."""
         window = self._window(method)
         budget = comm_share * window + self.link.overlap * window
-        need = 0.0
-        for t in self.traffic(method):
-            room = budget - t.messages * self.link.latency_ms / 1e3
-            if t.link_bytes == 0:
-                if room < 0:
-                    return math.inf
-                continue
-            if room <= 0:
-                return math.inf
-            need = max(need, t.link_bytes * 8 / room / 1e9)
-        return need
+        time_at = lambda bw: self.comm_seconds(method, bw)   # noqa: E731 (decreasing in bw)
+        if time_at(math.inf) >= budget:
+            return math.inf if time_at(math.inf) > 0 or budget < 0 else 0.0
+        if time_at(1e-12) <= budget:   # nothing crosses the link
+            return 0.0
+        # The critical path is piecewise linear in 1/bandwidth: bisect (in log space) for the
+        # bandwidth at which it meets the budget.
+        lo, hi = 1e-12, 1.0
+        while time_at(hi) > budget:
+            lo, hi = hi, hi * 1e3
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            if time_at(mid) > budget:
+                lo = mid
+            else:
+                hi = mid
+            if hi / lo < 1 + 1e-12:
+                break
+        return hi
 
     # ---- summaries ----------------------------------------------------------------------------
 
@@ -1370,6 +1486,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bandwidth-gbps", type=float, help="per-worker link bandwidth, Gbit/s")
     g.add_argument("--latency-ms", type=float)
     g.add_argument("--overlap", type=float, help="share of communication hidden behind compute (0..1)")
+    g.add_argument("--loss", type=float, help="TCP segment loss rate (each loss costs one round trip)")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch", type=int, help="sequences per GPU per forward")
     g.add_argument("--seq-len", type=int)
@@ -1415,7 +1532,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise PlanError("give --r or --placement, not both")
     changes = {}
     for key in ("workers", "sync_every", "weighted", "gpu_memory_gib", "gpus_per_worker", "tflops", "tokens_per_s",
-                "global_on", "recompute", "bandwidth_gbps", "latency_ms", "overlap", "micro_batch", "seq_len",
+                "global_on", "recompute", "bandwidth_gbps", "latency_ms", "overlap", "loss", "micro_batch", "seq_len",
                 "grad_accum", "skip_policy", "placement"):
         value = getattr(args, key)
         if value is not None:
