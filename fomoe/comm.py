@@ -577,7 +577,9 @@ _code_fingerprint: list[str | None] = [None]
 
 
 def _differences(mine, ref, path: str = "") -> list[tuple[str, object, object]]:
-    """Leaf paths where two JSON-like values differ: ("model.num_experts", 8, 16)."""
+    """Leaf paths where two JSON-like values differ: ("model.num_experts", 8, 16). Lists of
+    records (dicts) of equal length are compared record by record ("layers[1].top_k"); other
+    lists are values."""
     if isinstance(mine, dict) and isinstance(ref, dict):
         out = []
         for k in sorted(set(mine) | set(ref), key=str):
@@ -587,6 +589,9 @@ def _differences(mine, ref, path: str = "") -> list[tuple[str, object, object]]:
             else:
                 out.extend(_differences(mine[k], ref[k], sub))
         return out
+    if (isinstance(mine, list) and isinstance(ref, list) and len(mine) == len(ref)
+            and any(isinstance(v, dict) for v in mine + ref)):
+        return [d for i, (a, b) in enumerate(zip(mine, ref)) for d in _differences(a, b, f"{path}[{i}]")]
     return [] if mine == ref else [(path or "value", mine, ref)]
 
 

@@ -476,3 +476,14 @@ def test_agreement_over_the_tcp_control_plane():
     for message in out:
         assert message is not None
         _assert_names(message, [("sync_every", 3, 2)])
+
+
+def test_differences_are_named_by_path():
+    from fomoe.comm import _differences
+    mine = {"model": {"d": 8, "layers": [{"top_k": 1}, {"top_k": 2}]}, "data": ["a"], "only_here": 1}
+    ref = {"model": {"d": 8, "layers": [{"top_k": 2}, {"top_k": 2}]}, "data": ["b"]}
+    assert _differences(mine, ref) == [("data", ["a"], ["b"]), ("model.layers[0].top_k", 1, 2),
+                                       ("only_here", 1, "<missing>")]
+    assert _differences({"layers": [{"k": 1}]}, {"layers": [{"k": 1}, {"k": 2}]}) == [
+        ("layers", [{"k": 1}], [{"k": 1}, {"k": 2}])]
+    assert _differences(mine, mine) == []
