@@ -100,14 +100,22 @@ def test_a_crash_before_the_manifest_leaves_the_previous_checkpoint_latest(tmp_p
     assert info["step"] == 2
 
 
+def _edit_manifest(path, **changes) -> None:
+    """Rewrite a manifest as a save with other settings would have written it (with a matching
+    checksum where manifests carry one)."""
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    if "manifest_sha256" in manifest:
+        del manifest["manifest_sha256"]
+        manifest["manifest_sha256"] = checkpoint._manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
 def test_mismatched_configuration_or_world_size_is_refused(tmp_path):
     _single(tmp_path, steps=(2,), config={"lr": 1})
     with pytest.raises(CheckpointError, match="different configuration"):
         _load(tmp_path, config={"lr": 2})
-    manifest_path = checkpoint.checkpoints_dir(tmp_path) / "step-00000002" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["world_size"] = 2
-    manifest_path.write_text(json.dumps(manifest))
+    _edit_manifest(checkpoint.checkpoints_dir(tmp_path) / "step-00000002" / "manifest.json", world_size=2)
     with pytest.raises(CheckpointError, match="written by 2 workers; this run has 1"):
         _load(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint of step 5"):
