@@ -6,8 +6,11 @@ For each kernel and shape it times fomoe's op and the plain-PyTorch equivalent:
 
   route     torch.softmax(fp32) + torch.topk + renormalise (the usual Mixtral-style router)
   dispatch  resident-map mask + stable argsort + bincount + cumsum + inverse scatter
-  gather    index_select of token rows into expert order
+  gather    index_select of token rows into expert order (scaled: times a per-row weight, fp32
+            then rounded, which is combine's gradient wrt its rows)
   combine   gate-weighted index_add_ back to token order
+  gate grad combine's gradient wrt the gate weights: row-wise dot products of the gathered
+            output gradient with the expert rows (what autograd of the index_add_ computes)
   copy      a device-to-device copy of the bytes gather/combine must move: the bandwidth ceiling
 
 Two timings per case: "graph" replays a CUDA graph holding many calls over rotating input sets
@@ -197,6 +200,30 @@ def bench_gather(T, k, d, gen):
     return row("gather", f"rows={n} (T={T} k={k}) d={d}", BF16, f, t, fe, te, nbytes, copy_graph_us(nbytes))
 
 
+def bench_scaled_gather(T, k, d, gen):
+    """Gather with a per-row scale: combine's gradient wrt its rows (gate * grad_out[token])."""
+    n = T * k
+    perm, _, inv = all_rows_kept(T, k, gen)
+    token = perm.long() // k
+    gate = torch.rand(T, k, generator=gen, device="cuda")
+    gate_of_row = gate.reshape(-1)[perm.long()].unsqueeze(1)
+    xs = [torch.randn(T, d, generator=gen, device="cuda").to(BF16) for _ in range(2)]
+    nbytes = (T * d + n * d) * 2 + n * 8  # token rows read once, expert rows written, table + scale
+
+    def torch_scaled(x):
+        return (x.index_select(0, token).float() * gate_of_row).to(BF16)
+
+    f = graph_us([lambda x=x: ops.gather(x, perm, inv, gate) for x in xs])
+    t = graph_us([lambda x=x: torch_scaled(x) for x in xs])
+    fe = eager_us(lambda: ops.gather(xs[0], perm, inv, gate))
+    te = eager_us(lambda: torch_scaled(xs[0]))
+    r = row("gather (scaled)", f"rows={n} (T={T} k={k}) d={d}", BF16, f, t, fe, te, nbytes, copy_graph_us(nbytes))
+    r["equals_torch"] = torch.equal(ops.gather(xs[0], perm, inv, gate), torch_scaled(xs[0]))  # one rounding each
+    if not r["equals_torch"]:
+        print("  MISMATCH: scaled gather differs from PyTorch's", flush=True)
+    return r
+
+
 def bench_combine(T, k, d, gen):
     n = T * k
     perm, _, inv = all_rows_kept(T, k, gen)
@@ -217,6 +244,34 @@ def bench_combine(T, k, d, gen):
     ours, theirs = ops.combine(rows[0], perm, inv, gate).float(), torch_combine(rows[0]).float()
     assert ((ours - theirs).norm() / theirs.norm()).item() < 2e-2  # PyTorch adds in bf16 here
     return row("combine", f"rows={n} (T={T} k={k}) d={d}", BF16, f, t, fe, te, nbytes, copy_graph_us(nbytes))
+
+
+def bench_combine_gate_grad(T, k, d, gen):
+    """The gate weights' gradient of combine (its rows' gradient is a scaled gather, timed above)."""
+    n = T * k
+    perm, _, inv = all_rows_kept(T, k, gen)
+    token = perm.long() // k
+    rows = [torch.randn(n, d, generator=gen, device="cuda").to(BF16) for _ in range(2)]
+    grad_out = torch.randn(T, d, generator=gen, device="cuda").to(BF16)
+    nbytes = (n * d + T * d) * 2 + n * 8  # every expert row and grad_out row read once, table, gradient
+
+    def ours(r):
+        return torch.ops.fomoe.combine_gate_grad(grad_out, r, inv)
+
+    def torch_gate_grad(r):  # what autograd of the weighted index_add_ computes, per expert-order row
+        return (grad_out.index_select(0, token) * r).sum(-1, dtype=torch.float32)
+
+    f = graph_us([lambda r=r: ours(r) for r in rows])
+    t = graph_us([lambda r=r: torch_gate_grad(r) for r in rows])
+    fe = eager_us(lambda: ours(rows[0]))
+    te = eager_us(lambda: torch_gate_grad(rows[0]))
+    expect = torch.empty(n, device="cuda").scatter_(0, perm.long(), (grad_out.float().index_select(0, token)
+                                                                      * rows[0].float()).sum(-1))
+    r = row("gate grad", f"rows={n} (T={T} k={k}) d={d}", BF16, f, t, fe, te, nbytes, copy_graph_us(nbytes))
+    r["close_to_fp32_reference"] = torch.allclose(ours(rows[0]).reshape(-1), expect, rtol=1e-3, atol=1e-2)
+    if not r["close_to_fp32_reference"]:
+        print("  MISMATCH: gate gradient differs from the fp32 reference", flush=True)
+    return r
 
 
 def main(argv=None):
@@ -256,7 +311,9 @@ def main(argv=None):
     for d in (4096, 2048):
         for T, k in ((2048, 8), (8192, 2)):
             results.append(bench_gather(T, k, d, gen))
+            results.append(bench_scaled_gather(T, k, d, gen))
             results.append(bench_combine(T, k, d, gen))
+            results.append(bench_combine_gate_grad(T, k, d, gen))
             if args.quick:
                 break
         if args.quick:

@@ -2,7 +2,10 @@
 // Memory-bound: 16-byte vector accesses where the rows allow, several loads in flight per
 // thread, and combine gathers through `inverse` (a fixed summation order per token, no atomics).
 // Torch-free.
+#include <algorithm>
+#include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/routing_flags.cuh"
@@ -53,6 +56,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   const RowCursor cursor(int64_t(blockIdx.x) * (kThreads * kGatherUnroll), vpr);
   V val[kGatherUnroll];
+  A s[kGatherUnroll];  // scales, applied after all loads are issued (not between them)
   int64_t dst[kGatherUnroll];
   bool store[kGatherUnroll];
   bool bad = false;  // reported once, after the loads: no call between them
@@ -62,16 +66,13 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t c;
     cursor.at(u * kThreads + threadIdx.x, &j, &c);
     store[u] = false;
+    s[u] = A(1);
     if (j >= rows) continue;
     const int p = permutation[j];
     dst[u] = j * out_stride + int64_t(c) * VEC;
     if (p >= 0 && p < assignments) {
       val[u] = *reinterpret_cast<const V*>(x + int64_t(p / k) * x_stride + int64_t(c) * VEC);
-      if constexpr (kScale) {
-        const A s = scale[p];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) val[u].v[e] = from_acc<T>(mul_rn(s, to_acc(val[u].v[e])));
-      }
+      if constexpr (kScale) s[u] = scale[p];
       store[u] = true;
     } else {
       bad |= p != -1;
@@ -81,94 +82,239 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 #pragma unroll
-  for (int u = 0; u < kGatherUnroll; ++u)
-    if (store[u]) store_streaming(reinterpret_cast<V*>(out + dst[u]), val[u]);
+  for (int u = 0; u < kGatherUnroll; ++u) {
+    if (!store[u]) continue;
+    if constexpr (kScale) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) val[u].v[e] = from_acc<T>(mul_rn(s[u], to_acc(val[u].v[e])));
+    }
+    store_streaming(reinterpret_cast<V*>(out + dst[u]), val[u]);
+  }
   if (bad) raise_error(flags, kTableEntryOutOfRange);
 }
 
-// B: source rows in flight per output vector, chosen from k: more rows in flight cost registers
-// and with them occupancy.
-template <typename T, int VEC, bool kGate, int B>
-__global__ void __launch_bounds__(kThreads)
+// Source rows are read once: streaming loads (evict-first) keep them from pushing other operands
+// out of the caches. `load_if` gives zeros where `pred` is false; the 16-byte form is one
+// predicated instruction (no branch), so the compiler keeps all of a lane's loads in flight
+// together instead of splitting them around the zero-fill.
+template <typename V>
+__device__ __forceinline__ V load_if(const V* src, bool pred) {
+  V v;
+  if constexpr (sizeof(V) == 16) {
+    uint32_t w[4];
+    asm volatile(
+        "{\n"
+        "  .reg .pred p;\n"
+        "  setp.ne.b32 p, %5, 0;\n"
+        "  mov.b32 %0, 0;\n  mov.b32 %1, 0;\n  mov.b32 %2, 0;\n  mov.b32 %3, 0;\n"
+        "  @p ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+        : "l"(src), "r"(int(pred)));
+    memcpy(&v, w, 16);
+  } else {
+    memset(&v, 0, sizeof(V));  // all-zero bits: +0 in every float dtype
+    if (pred) v = *src;
+  }
+  return v;
+}
+
+// Element e of a vector in the accumulation dtype. bf16 pairs widen straight from their 32-bit
+// word, one shift or mask each (the generic conversion splits the word first, which costs
+// registers when many vectors are in flight).
+template <typename T, int VEC>
+__device__ __forceinline__ acc_t<T> element(const Vec<T, VEC>& v, int e) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && VEC % 2 == 0) {
+    uint32_t w;
+    memcpy(&w, &v.v[e & ~1], 4);
+    return __uint_as_float(e % 2 == 0 ? w << 16 : w & 0xffff0000u);
+  } else {
+    return to_acc(v.v[e]);
+  }
+}
+
+// The routing table of one token for slots s0 .. s0+K-1: the source row of each slot, its gate
+// weight, and a bit per slot in use (bit b clear: skipped, past k, or out of range; its row
+// pointer is then `src`, never read). Every lane of a warp reads the same words, so each is one
+// broadcast request, read once per warp rather than once per vector.
+template <typename T, int K>
+struct TokenSlots {
+  const T* row[K];
+  acc_t<T> gate[K];
+  uint32_t used = 0;
+
+  __device__ __forceinline__ bool in_use(int b) const { return (used >> b) & 1u; }
+
+  // Returns whether an entry was out of range (neither -1 nor a row). All words are requested
+  // before any is looked at, so the warp waits for one round trip, not K.
+  __device__ __forceinline__ bool load(const T* src, int64_t src_stride, int64_t num_rows, const int32_t* inv,
+                                       const acc_t<T>* gates, int s0, int k) {
+    int32_t r[K];
+#pragma unroll
+    for (int b = 0; b < K; ++b) {
+      r[b] = s0 + b < k ? __ldg(inv + s0 + b) : -1;
+      gate[b] = gates != nullptr && s0 + b < k ? __ldg(gates + s0 + b) : acc_t<T>(1);
+    }
+    bool bad = false;
+#pragma unroll
+    for (int b = 0; b < K; ++b) {
+      const bool valid = r[b] >= 0 && r[b] < num_rows;
+      row[b] = valid ? src + int64_t(r[b]) * src_stride : src;
+      used |= uint32_t(valid) << b;
+      bad |= !valid && r[b] != -1;
+    }
+    return bad;
+  }
+
+  // Vector `vector` of slot b's row (zeros when the slot is not in use or !in_range).
+  template <typename V>
+  __device__ __forceinline__ V vector_of(int b, uint32_t vector, bool in_range) const {
+    return load_if(reinterpret_cast<const V*>(row[b]) + vector, in_use(b) && in_range);
+  }
+};
+
+// acc += gate * x over the slots in use, in slot order; skipped slots add nothing (the CPU
+// kernel's sum, rounded the same way). Selects, not branches, so the sums of all vectors in
+// flight can be scheduled together.
+template <typename T, int VEC, int K>
+__device__ __forceinline__ void accumulate(acc_t<T> (&acc)[VEC], const TokenSlots<T, K>& slots,
+                                           const Vec<T, VEC> (&x)[K]) {
+#pragma unroll
+  for (int b = 0; b < K; ++b) {
+    const bool use = slots.in_use(b);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const acc_t<T> sum = add_rn(acc[e], mul_rn(slots.gate[b], element(x[b], e)));
+      acc[e] = use ? sum : acc[e];
+    }
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> round_to(const acc_t<T> (&acc)[VEC]) {
+  Vec<T, VEC> v;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) v.v[e] = from_acc<T>(acc[e]);
+  return v;
+}
+
+// Work split of combine and its gate gradient: K slots of a token are read together, over C
+// vectors per lane (K * C independent 16-byte loads in flight per lane, from one warp-uniform
+// table in registers). k <= K takes one pass; larger k loops over passes of K slots.
+constexpr int kLoadsInFlight = 8;
+constexpr int kMaxSlotsPerPass = kLoadsInFlight;
+// Combine splits each token row into segments of this many warp-wide steps, so that short
+// batches still give every SM enough warps, and long ones many small work items (even tails).
+constexpr uint32_t kStepsPerSegment = 4;
+
+// Blocks per SM the kernels below are compiled for. The bound matters beyond occupancy: without
+// it the compiler trades the loads in flight for fewer registers (it issued combine's 8 loads as
+// 3 + 5, and the gate gradient's as pairs); with it all of them are issued before the first use,
+// in at most 80 registers (combine: 24 warps per SM) or 128 (gate gradient, one warp per token).
+constexpr int kCombineBlocksPerSM = 3;
+constexpr int kGateGradBlocksPerSM = 2;
+
+// One warp per (token, row segment): out[t, segment] = sum over slots of gate * rows[inverse],
+// the loads of K slots x C vectors issued before any of them is summed.
+template <typename T, int VEC, int K, int C>
+__global__ void __launch_bounds__(kThreads, kCombineBlocksPerSM)
     combine_kernel(const T* __restrict__ src, int64_t src_stride, int64_t num_rows, const int32_t* __restrict__ inverse,
                    int64_t tokens, int k, const acc_t<T>* __restrict__ gate, T* __restrict__ out, int64_t out_stride,
-                   uint32_t vpr, uint32_t* flags) {
+                   uint32_t vpr, uint32_t segment_vectors, uint32_t segments, uint32_t* flags) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const RowCursor cursor(int64_t(blockIdx.x) * kThreads, vpr);
-  int64_t t;
-  uint32_t c;
-  cursor.at(threadIdx.x, &t, &c);
-  if (t >= tokens) return;
+  const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (item >= tokens * segments) return;  // whole warps leave together
+  const int64_t t = item / segments;
+  const uint32_t begin = static_cast<uint32_t>(item % segments) * segment_vectors;
+  const uint32_t end = min(vpr, begin + segment_vectors);
   const int32_t* inv = inverse + t * k;
+  const A* gates = gate != nullptr ? gate + t * k : nullptr;
+  V* y = reinterpret_cast<V*>(out + t * out_stride);
   bool bad = false;
-  A acc[VEC];
+  if (k <= K) {
+    TokenSlots<T, K> slots;
+    bad = slots.load(src, src_stride, num_rows, inv, gates, 0, k);
+    for (uint32_t c0 = begin + lane; c0 < end; c0 += 32 * C) {
+      V x[C][K];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) acc[e] = A(0);
-  for (int s0 = 0; s0 < k; s0 += B) {
-    V x[B];
-    A g[B];
-    bool use[B];
+      for (int u = 0; u < C; ++u)
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int s = s0 + b;
-      use[b] = false;
-      if (s >= k) continue;
-      const int r = inv[s];
-      if (r >= 0 && r < num_rows) {
-        x[b] = *reinterpret_cast<const V*>(src + int64_t(r) * src_stride + int64_t(c) * VEC);
-        g[b] = kGate ? gate[t * k + s] : A(1);
-        use[b] = true;
-      } else {
-        bad |= r != -1;
+        for (int b = 0; b < K; ++b) x[u][b] = slots.template vector_of<V>(b, c0 + u * 32, c0 + u * 32 < end);
+#pragma unroll
+      for (int u = 0; u < C; ++u) {
+        A acc[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+        accumulate(acc, slots, x[u]);
+        if (c0 + u * 32 < end) store_streaming(y + c0 + u * 32, round_to<T>(acc));
       }
     }
-    // Slot order, skipped slots add nothing: the CPU kernel's sum, rounded the same way.
+  } else if constexpr (K == kMaxSlotsPerPass && C == 1) {
+    // k > K: passes of K slots per vector; the table words come from L1 after the first vector.
+    for (uint32_t c = begin + lane; c < end; c += 32) {
+      A acc[VEC];
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      if (!use[b]) continue;
+      for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+      for (int s0 = 0; s0 < k; s0 += K) {
+        TokenSlots<T, K> slots;
+        bad |= slots.load(src, src_stride, num_rows, inv, gates, s0, k);
+        V x[K];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] = add_rn(acc[e], mul_rn(g[b], to_acc(x[b].v[e])));
+        for (int b = 0; b < K; ++b) x[b] = slots.template vector_of<V>(b, c, true);
+        accumulate(acc, slots, x);
+      }
+      store_streaming(y + c, round_to<T>(acc));
     }
   }
-  V y;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) y.v[e] = from_acc<T>(acc[e]);
-  store_streaming(reinterpret_cast<V*>(out + t * out_stride + int64_t(c) * VEC), y);
-  if (bad) raise_error(flags, kTableEntryOutOfRange);
+  if (bad && lane == 0) raise_error(flags, kTableEntryOutOfRange);
 }
 
-// One warp per (token, slot): a row dot product, reduced in a fixed butterfly order.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+// One warp per token: grad_gate[t, s] = <gy[t], rows[inverse[t, s]]> for K slots per pass over the
+// row, each lane summing its vectors in a fixed order, then a fixed butterfly over the lanes.
+template <typename T, int VEC, int K, int C>
+__global__ void __launch_bounds__(kThreads, kGateGradBlocksPerSM)
     combine_gate_grad_kernel(const T* __restrict__ gy, int64_t gy_stride, const T* __restrict__ src,
                              int64_t src_stride, int64_t num_rows, const int32_t* __restrict__ inverse,
-                             int64_t pairs, int k, uint32_t vpr, acc_t<T>* __restrict__ grad_gate, uint32_t* flags) {
+                             int64_t tokens, int k, uint32_t vpr, acc_t<T>* __restrict__ grad_gate, uint32_t* flags) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const int64_t pair = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (pair >= pairs) return;  // whole warps leave together
-  const int r = inverse[pair];
-  const bool valid = r >= 0 && r < num_rows;
-  if (!valid) {
-    if (lane == 0) {
-      if (r != -1) raise_error(flags, kTableEntryOutOfRange);
-      grad_gate[pair] = A(0);
-    }
-    return;
-  }
-  const T* a = gy + (pair / k) * gy_stride;
-  const T* b = src + int64_t(r) * src_stride;
-  A dot = 0;
-  for (uint32_t c = lane; c < vpr; c += 32) {
-    const V va = *reinterpret_cast<const V*>(a + int64_t(c) * VEC);
-    const V vb = *reinterpret_cast<const V*>(b + int64_t(c) * VEC);
+  const int64_t t = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (t >= tokens) return;  // whole warps leave together
+  const V* a = reinterpret_cast<const V*>(gy + t * gy_stride);
+  bool bad = false;
+  for (int s0 = 0; s0 < k; s0 += K) {
+    TokenSlots<T, K> slots;
+    bad |= slots.load(src, src_stride, num_rows, inverse + t * k, nullptr, s0, k);
+    A dot[K];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) dot += to_acc(va.v[e]) * to_acc(vb.v[e]);
+    for (int b = 0; b < K; ++b) dot[b] = A(0);
+    for (uint32_t c0 = lane; c0 < vpr; c0 += 32 * C) {
+      V ga[C], x[C][K];
+#pragma unroll
+      for (int u = 0; u < C; ++u) {
+        const bool in_row = c0 + u * 32 < vpr;
+        ga[u] = load_if(a + c0 + u * 32, in_row);
+#pragma unroll
+        for (int b = 0; b < K; ++b) x[u][b] = slots.template vector_of<V>(b, c0 + u * 32, in_row);
+      }
+      // Zeros (skipped slots, past the row) add exact zeros: every lane's order stays fixed.
+#pragma unroll
+      for (int u = 0; u < C; ++u)
+#pragma unroll
+        for (int b = 0; b < K; ++b)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dot[b] += element(ga[u], e) * element(x[u][b], e);
+    }
+#pragma unroll
+    for (int b = 0; b < K; ++b) {
+      const A sum = group_sum<32>(dot[b]);
+      if (lane == uint32_t(b) && s0 + b < k) grad_gate[t * k + s0 + b] = slots.in_use(b) ? sum : A(0);
+    }
   }
-  dot = group_sum<32>(dot);
-  if (lane == 0) grad_gate[pair] = dot;
+  if (bad && lane == 0) raise_error(flags, kTableEntryOutOfRange);
 }
 
 // 16-byte vectors when every row start is 16-byte aligned, else single elements.
@@ -206,35 +352,55 @@ cudaError_t launch_gather(const GatherRows& p, cudaStream_t stream) {
   return last_launch_error();
 }
 
-template <typename T, int VEC, int B>
+// Runs f(Slots<K>{}, Columns<C>{}) with K slots x C vectors per lane for top_k: K * C loads in
+// flight whatever k is (k = 1: 1 x 8 ... k >= 5: 8 x 1). The element path (rows that are not
+// 16-byte aligned) takes one shape: it is the slow path anyway.
+template <int N>
+using Const = std::integral_constant<int, N>;
+template <int VEC, typename F>
+cudaError_t with_pass_shape(int64_t top_k, F&& f) {
+  if constexpr (VEC == 1) {
+    return f(Const<kMaxSlotsPerPass>{}, Const<kLoadsInFlight / kMaxSlotsPerPass>{});
+  } else {
+    if (top_k > 4) return f(Const<kMaxSlotsPerPass>{}, Const<kLoadsInFlight / kMaxSlotsPerPass>{});
+    if (top_k > 2) return f(Const<4>{}, Const<kLoadsInFlight / 4>{});
+    if (top_k == 2) return f(Const<2>{}, Const<kLoadsInFlight / 2>{});
+    return f(Const<1>{}, Const<kLoadsInFlight>{});
+  }
+}
+
+template <typename T, int VEC>
 cudaError_t launch_combine(const CombineRows& p, cudaStream_t stream) {
   const uint32_t vpr = static_cast<uint32_t>(p.d / VEC);
-  const int64_t blocks = ceil_div(p.tokens * vpr, kThreads);
-  if (!grid_ok(blocks)) return cudaErrorInvalidValue;
-  const auto* rows = static_cast<const T*>(p.rows);
-  const auto* gate = static_cast<const acc_t<T>*>(p.gate);
-  auto* out = static_cast<T*>(p.out);
-  const int k = static_cast<int>(p.top_k);
-  if (gate != nullptr) {
-    combine_kernel<T, VEC, true, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        rows, p.rows_stride, p.num_rows, p.inverse, p.tokens, k, gate, out, p.out_stride, vpr, p.error_flags);
-  } else {
-    combine_kernel<T, VEC, false, B><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        rows, p.rows_stride, p.num_rows, p.inverse, p.tokens, k, gate, out, p.out_stride, vpr, p.error_flags);
-  }
-  return last_launch_error();
+  return with_pass_shape<VEC>(p.top_k, [&](auto slots, auto columns) -> cudaError_t {
+    constexpr int K = decltype(slots)::value, C = decltype(columns)::value;
+    constexpr uint32_t kStep = 32 * C;  // vectors one warp covers per step
+    const uint32_t segment_vectors = static_cast<uint32_t>(
+        std::min<int64_t>(ceil_div(vpr, kStep), kStepsPerSegment) * kStep);
+    const uint32_t segments = static_cast<uint32_t>(ceil_div(vpr, segment_vectors));
+    if (p.tokens > int64_t(INT32_MAX) * (kThreads / 32) / segments) return cudaErrorInvalidValue;  // grid limit
+    const int64_t blocks = ceil_div(p.tokens * segments, kThreads / 32);
+    if (!grid_ok(blocks)) return cudaErrorInvalidValue;
+    combine_kernel<T, VEC, K, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.rows), p.rows_stride, p.num_rows, p.inverse, p.tokens, static_cast<int>(p.top_k),
+        static_cast<const acc_t<T>*>(p.gate), static_cast<T*>(p.out), p.out_stride, vpr, segment_vectors, segments,
+        p.error_flags);
+    return last_launch_error();
+  });
 }
 
 template <typename T, int VEC>
 cudaError_t launch_combine_gate_grad(const CombineGateGrad& p, cudaStream_t stream) {
-  const int64_t pairs = p.tokens * p.top_k;
-  const int64_t blocks = ceil_div(pairs * 32, kThreads);
+  const int64_t blocks = ceil_div(p.tokens, kThreads / 32);
   if (!grid_ok(blocks)) return cudaErrorInvalidValue;
-  combine_gate_grad_kernel<T, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.grad_out), p.grad_out_stride, static_cast<const T*>(p.rows), p.rows_stride, p.num_rows,
-      p.inverse, pairs, static_cast<int>(p.top_k), static_cast<uint32_t>(p.d / VEC),
-      static_cast<acc_t<T>*>(p.grad_gate), p.error_flags);
-  return last_launch_error();
+  return with_pass_shape<VEC>(p.top_k, [&](auto slots, auto columns) -> cudaError_t {
+    combine_gate_grad_kernel<T, VEC, decltype(slots)::value, decltype(columns)::value>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            static_cast<const T*>(p.grad_out), p.grad_out_stride, static_cast<const T*>(p.rows), p.rows_stride,
+            p.num_rows, p.inverse, p.tokens, static_cast<int>(p.top_k), static_cast<uint32_t>(p.d / VEC),
+            static_cast<acc_t<T>*>(p.grad_gate), p.error_flags);
+    return last_launch_error();
+  });
 }
 
 // Row lengths must fit 32-bit vector indices; row counts the 64-bit products below.
@@ -263,13 +429,8 @@ cudaError_t combine_rows(const CombineRows& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.d == 0) return cudaSuccess;
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    if (vector_width<T>(p.d, {{p.rows, p.rows_stride}, {p.out, p.out_stride}}) == 1)
-      return launch_combine<T, 1, 4>(p, stream);
-    constexpr int kVec = 16 / sizeof(T);
-    // Measured on an H200 (bench/RESULTS.md): 8 rows in flight at 107 registers ran slower than
-    // 4 at 67 (occupancy), and 2 rows at 45 registers suit k <= 2.
-    if (p.top_k <= 2) return launch_combine<T, kVec, 2>(p, stream);
-    return launch_combine<T, kVec, 4>(p, stream);
+    if (vector_width<T>(p.d, {{p.rows, p.rows_stride}, {p.out, p.out_stride}}) == 1) return launch_combine<T, 1>(p, stream);
+    return launch_combine<T, 16 / sizeof(T)>(p, stream);
   });
 }
 
