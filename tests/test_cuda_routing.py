@@ -165,8 +165,8 @@ def dispatched(T, E, k, num_local, gen):
 
 
 # (T, E, k, num_local, d). Combine's shapes: k = 1, 2, 3..4, 5..8 read 8, 4, 2, 1 vectors of each
-# slot per lane per step, k > 8 passes of 8 slots; rows split into segments of 4 steps (d = 2056
-# and 4096: several, the last one partial), rows whose length is no multiple of a step (d = 264).
+# slot per lane per step, k > 8 passes of 8 slots; rows split into segments of 4 steps (d = 4096:
+# several; d = 2056 in fp32/fp64: several, the last one partial), rows no multiple of a step long.
 ROW_CASES = [(0, 4, 2, 2, 8), (1, 4, 2, 4, 1), (37, 8, 2, 4, 3), (131, 16, 4, 8, 64), (257, 8, 8, 8, 100),
              (1031, 32, 8, 16, 256), (257, 64, 4, 32, 4096), (61, 8, 1, 8, 264), (73, 16, 3, 8, 520),
              (29, 16, 5, 12, 1032), (19, 32, 12, 24, 136), (41, 8, 2, 6, 2056)]
