@@ -219,11 +219,12 @@ class Relay:
         self._connections: list[tuple[socket.socket, socket.socket, list[_Pipe]]] = []
         self.connections = 0          # accepted so far
         self.errors: list[str] = []   # connections that failed (target unreachable, reset)
+        self._closed_totals = [0, 0]  # bytes carried and segments lost by closed connections
 
     @property
     def address(self) -> str:
         if self._listener is None:
-            raise RuntimeError("the relay is not started")
+            raise RuntimeError("the relay is stopped" if self._stopping else "the relay is not started")
         host, port = self._listener.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -232,8 +233,8 @@ class Relay:
         return int(self.address.rpartition(":")[2])
 
     def start(self) -> "Relay":
-        if self._listener is not None:
-            raise RuntimeError("the relay is already started")
+        if self._listener is not None or self._stopping:
+            raise RuntimeError("a relay starts once (it is running or was stopped)")
         host, port = self.listen_at
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -245,16 +246,16 @@ class Relay:
             raise OSError(f"relay cannot listen on {host}:{port}: {exc}") from exc
         sock.listen(64)
         self._listener = sock
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True, name="fomoe-relay-accept")
+        self._accept_thread = threading.Thread(target=self._accept_loop, args=(sock,), daemon=True, name="fomoe-relay-accept")
         self._accept_thread.start()
         return self
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping:
             try:
-                if not select.select([self._listener], [], [], 0.2)[0]:
+                if not select.select([listener], [], [], 0.2)[0]:
                     continue
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except (OSError, ValueError):
                 if self._stopping:
                     return
@@ -313,6 +314,8 @@ class Relay:
         for p in entry[2]:
             if p.error:
                 self.errors.append(p.error)
+            self._closed_totals[0] += p.shaper.bytes
+            self._closed_totals[1] += p.shaper.segments_lost
         for s in entry[:2]:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -325,11 +328,12 @@ class Relay:
         with self._lock:
             return len(self._connections)
 
-    def stats(self) -> list[dict]:
-        """Per open connection and direction: bytes carried and segments lost."""
+    def totals(self) -> dict:
+        """Bytes carried and segments lost over every connection so far (both directions)."""
         with self._lock:
-            return [{"direction": d, "bytes": p.shaper.bytes, "segments_lost": p.shaper.segments_lost}
-                    for _, _, pipes in self._connections for d, p in zip(("up", "down"), pipes)]
+            pipes = [p for _, _, ps in self._connections for p in ps]
+            return {"bytes": self._closed_totals[0] + sum(p.shaper.bytes for p in pipes),
+                    "segments_lost": self._closed_totals[1] + sum(p.shaper.segments_lost for p in pipes)}
 
     def stop(self) -> None:
         """Close the listener and every connection; join every thread."""
@@ -341,6 +345,7 @@ class Relay:
                 pass
         if self._accept_thread is not None:
             self._accept_thread.join()
+        self._listener = None
         with self._lock:
             entries = list(self._connections)
         threads = []
@@ -364,7 +369,7 @@ class Relay:
             self._connections.clear()
 
     def __enter__(self) -> "Relay":
-        return self.start() if self._listener is None else self
+        return self if self._listener is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
