@@ -60,6 +60,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, found, verified or applied, with the reason."""
 
 
+class CheckpointSkipped(CheckpointError):
+    """A worker was lost while the checkpoint was being committed: it was not written (the
+    previous one stays the latest); training can go on and save the next one."""
+
+
 # ---- nested state <-> (JSON skeleton, flat tensors) ----------------------------------------------
 
 def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -165,13 +170,18 @@ def _shard_name(rank: int) -> str:
 
 def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_manager=None,
          inner_optimizer: torch.optim.Optimizer | None = None, extra_state: dict | None = None,
-         config: dict | None = None, rank: int = 0, world_size: int = 1, keep: int | None = 3) -> Path:
+         config: dict | None = None, rank: int = 0, world_size: int = 1, keep: int | None = 3,
+         gather=None) -> Path:
     """Every worker calls this at the same step; returns the checkpoint's directory.
 
     ``extra_state``: anything else the run needs to continue exactly (data position, counters):
     nested dicts/lists of tensors, numbers and strings. ``config``: the run's configuration;
     its hash goes into the manifest. ``keep``: complete checkpoints to keep (older ones are
-    deleted by rank 0 after the new one is complete; None keeps all).
+    deleted by rank 0 after the new one is complete; None keeps all). ``gather(tag, text)``:
+    the exchange between workers (default ``comm.gather_live``); over a fault-tolerant run,
+    ``SyncManager.exchange``, which returns None when a worker loss interrupted it after
+    others completed it: then nothing is committed and every worker raises
+    ``CheckpointSkipped``.
     """
     from . import comm
     if keep is not None and keep < 1:
@@ -197,11 +207,17 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
     except OSError as exc:
         mine = {"error": f"rank {rank} could not write its shard to {step_dir}: {exc}"}
 
-    shards = {int(r): json.loads(t) for r, t in comm.gather_live(f"ckpt-{step}", json.dumps(mine)).items()} \
-        if world_size > 1 else {0: mine}
+    gather = gather or comm.gather_live
+    got = gather(f"ckpt-{step}", json.dumps(mine)) if world_size > 1 else {"0": json.dumps(mine)}
+    skipped = got is None
+    shards = {int(r): json.loads(t) for r, t in (got or {}).items()}
+    if shards:
+        writer = min(shards)   # the live ranks that took part (a rank lost before is not waited for)
     errors = [s["error"] for _, s in sorted(shards.items()) if "error" in s]
     outcome = "ok"
-    if rank == writer:
+    if skipped:
+        outcome = f"rank {rank} missed the commit of step {step} (a worker was lost meanwhile)"
+    elif rank == writer:
         try:
             if errors:
                 # Nothing of this step is usable: remove it so it cannot be mistaken for a checkpoint.
@@ -230,8 +246,20 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
     if world_size > 1:
         # Nobody returns before the manifest exists: a worker killed right after save() returns
         # cannot leave the others' next load() without this checkpoint.
-        done = comm.gather_live(f"ckpt-done-{step}", outcome)
-        outcome = done.get(writer, outcome)
+        done = gather(f"ckpt-done-{step}", outcome)
+        if done is None:
+            skipped = True
+        else:
+            # The writer's outcome decides for everyone (a rank that missed the first exchange
+            # does not know who wrote: the lowest rank taking part now).
+            done = {int(r): t for r, t in done.items()}
+            w = writer if shards else min(done)
+            outcome = done.get(w, f"rank {w} (the writer) was lost")
+            skipped = outcome.startswith(f"rank {w} missed the commit")
+    if skipped:
+        previous = latest_step(run_dir)
+        raise CheckpointSkipped(f"checkpoint of step {step} skipped: a worker was lost while it was committed; the "
+                                f"latest checkpoint is " + (f"step {previous}" if previous is not None else "none"))
     if errors or outcome != "ok":
         previous = latest_step(run_dir)
         raise CheckpointError("checkpoint of step {} failed: {}; the previous checkpoint ({}) is intact".format(

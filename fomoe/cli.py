@@ -105,7 +105,8 @@ _FIELD_FLAGS = {"method": "method", "workers": "workers", "placement": "placemen
                 "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "warmup_steps": "warmup_steps",
                 "seed": "seed", "bf16": "bf16", "data": "data", "iid": "iid", "data_dtype": "data_dtype",
                 "eval_every": "eval_every", "eval_batches": "eval_batches", "ckpt_every": "ckpt_every",
-                "log_every": "log_every", "device": "device", "threads": "threads", "timeout": "timeout_s"}
+                "log_every": "log_every", "device": "device", "threads": "threads", "timeout": "timeout_s",
+                "transport": "transport", "bind": "bind", "advertise": "advertise", "peer_timeout": "peer_timeout_s"}
 
 
 def _explicit(args) -> dict:
@@ -142,8 +143,8 @@ def cmd_train(args) -> int:
         changed = {k: v for k, v in explicit.items() if k not in RESUMABLE_FIELDS and getattr(cfg, k) != v}
         if changed:
             raise ConfigError(f"--resume continues {args.out} with its saved configuration; these flags differ from "
-                              f"it: {', '.join(sorted(changed))} (only --steps, --stop-at, --threads and --timeout "
-                              f"may change)")
+                              f"it: {', '.join(sorted(changed))} (only --steps, --stop-at, --threads, --timeout and "
+                              f"the transport flags may change)")
         cfg = replace(cfg, **{k: v for k, v in explicit.items() if k in RESUMABLE_FIELDS})
         cfg = replace(cfg, progress=not args.no_progress)
     else:
@@ -154,20 +155,31 @@ def cmd_train(args) -> int:
             _check_fresh_run_dir(Path(cfg.out), "train")
     if args.stop_at is not None:
         cfg = replace(cfg, stop_at=args.stop_at)
+    from .train import RunStopped
     if torchrun:
-        summary = train_under_torchrun(cfg, resume=args.resume)
-        if summary is None or os.environ.get("RANK") != "0":
+        summary = train_under_torchrun(cfg, resume=args.resume, token=args.token)
+        if summary is not None and "stopped" in summary:
+            print(f"fomoe train: rank {summary['rank']}: {summary['stopped']}", file=sys.stderr)
+            return 1
+        if summary is None or "final_eval_loss" not in summary and "stopped_at" not in summary:
             return 0
     else:
         from .train import check_data
         check_data(cfg.resolved())
         print(f"fomoe train: {_describe(cfg.resolved())}", file=sys.stderr)
-        summary = train(cfg, resume=args.resume)
+        try:
+            summary = train(cfg, resume=args.resume, token=args.token)
+        except RunStopped as exc:
+            print(f"fomoe train: {exc}", file=sys.stderr)
+            return 1
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} with a checkpoint; continue with: "
               f"fomoe train --out {cfg.out} --resume")
         return 0
     _print_summary(summary, cfg.out)
+    if summary.get("lost_workers"):
+        print(f"workers {summary['lost_workers']} were lost during the run and the others finished without them "
+              f"(details: membership lines in metrics.jsonl)")
     return 0
 
 
@@ -263,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--stop-at", type=_positive_int, default=None, metavar="STEP",
                    help="stop after STEP (a multiple of H) with a checkpoint; continue later with --resume")
+    x = p.add_argument_group("across sites (see docs/guide.md: faults and security)")
+    x.add_argument("--transport", choices=("default", "tcp"), default=None,
+                   help="default: torch.distributed (gloo/NCCL); tcp: fomoe's authenticated TCP transport, which "
+                        "survives lost workers (replication >= 2) and stops with a checkpoint otherwise")
+    x.add_argument("--token", default=None, help="tcp: the run's shared token (prefer the FOMOE_RUN_TOKEN environment "
+                   "variable: command lines are visible to other users)")
+    x.add_argument("--bind", default=None, help="tcp: local address to listen on (your VPN interface's address)")
+    x.add_argument("--advertise", default=None, help="tcp: host or host:port the other workers dial (default: --bind)")
+    x.add_argument("--peer-timeout", type=_positive_float, default=None,
+                   help="tcp: seconds of silence after which a worker counts as lost (default 30)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="the same run under ddp, diloco and fomoe, and a report",

@@ -288,6 +288,7 @@ class SyncManager:
         self.fault_hook = fault_hook   # fault-injection tests: called with (bucket, packed update) before a sum
         self.events: list[dict] = []    # membership changes and dropped contributions, in order
         self._joining, self._contributes, self._silent = joining, not joining, set()
+        self._exchanges, self._last_status = 0, {}
         self.global_device = torch.device(global_device)
         if self.global_device.type == "cuda" and self.global_device.index is None:
             self.global_device = torch.device("cuda", torch.cuda.current_device())
@@ -723,7 +724,38 @@ class SyncManager:
 
     def _status(self) -> dict:
         return {"progress": self._progress, "joining": self._joining, "contributes": self._contributes,
-                "config": self.config_summary(), "code": comm.code_fingerprint()}
+                "exchanges": self._exchanges, "config": self.config_summary(), "code": comm.code_fingerprint()}
+
+    # Small exchanges of the training loop (metrics, checkpoint commits, summaries) between
+    # rounds. Over a fault-tolerant transport a loss can interrupt one on some workers after
+    # others completed it; those cannot run it again (the others moved on), so after the
+    # agreement a worker behind the others skips it (gets None) and all meet at the next one.
+
+    def exchange(self, text: str) -> dict[int, str] | None:
+        """Every live worker's ``text`` by rank (each live worker must call it at the same point
+        of the run); None if a membership change interrupted it after other workers completed it.
+        Raises ``ExpertsLost`` like ``step()``."""
+        if not self._fault_tolerant:
+            self._exchanges += 1
+            return dict(comm.gather_live("exchange", text)) if self.world_size > 1 else {self.rank: text}
+        while True:
+            try:
+                out = self.transport.gather_text("exchange", text)
+                self._exchanges += 1
+                return out
+            except comm.MembershipChange:
+                with torch.no_grad():
+                    self._recover(None)
+                if max(st["exchanges"] for st in self._last_status.values()) > self._exchanges:
+                    self._exchanges += 1
+                    return None
+
+    def reset_to_global(self) -> None:
+        """θ_local ← θ_global for every held parameter: the state every holder shares after the
+        last applied round (e.g. to checkpoint the survivors when the run must stop mid-round)."""
+        with torch.no_grad():
+            for p in self._held_params():
+                p.detach().copy_(self._global_of[id(p)])
 
     def _recover(self, pending: dict | None) -> str:
         """Agree on the live workers, then bring this worker's round to a state every survivor
@@ -736,6 +768,7 @@ class SyncManager:
                 status = {r: json.loads(t) for r, t in self.transport.gather_text(
                     "status", json.dumps(self._status())).items()}
                 self._check_statuses(status)
+                self._last_status = status
                 joiners = sorted(r for r, st in status.items() if st["joining"])
                 members = [r for r in live if r not in joiners]
                 lost, added = sorted(set(self.live) - set(live)), sorted(set(live) - set(self.live))
@@ -743,6 +776,7 @@ class SyncManager:
                     self._membership_event(live, lost, added)
                 orphans = orphaned_experts(self.placement, members)
                 if orphans:
+                    self.live = tuple(live)   # agreed, and reported once: the run stops here
                     raise ExpertsLost(lost, orphans, members, self._progress)
                 behind = min(status[r]["progress"] for r in members)
                 ahead = max(status[r]["progress"] for r in members)
@@ -842,6 +876,7 @@ class SyncManager:
                     for s in segs:
                         self._outer_state(s, part, create=True).copy_(buf[s.offset:s.offset + s.numel])
         if self.rank in joiners:
+            self._exchanges = max(status[r]["exchanges"] for r in members)
             self.round = ahead
             self.inner_step = (behind + 1) * self.sync_every
             self._residual = {}

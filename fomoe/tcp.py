@@ -223,6 +223,7 @@ class TcpTransport(comm.Transport):
         self.overhead_sent = self.overhead_recv = 0    # headers, heartbeats, control messages
         self.refused: list[str] = []                   # connections refused by the handshake
         self.events: list[dict] = []                   # membership changes, in order
+        self._reasons: dict[str, str] = {}             # rank -> why a peer saw it lost
         # Membership: the initial members (rank -> incarnation), then monotone sets of lost and
         # joined (rank, incarnation) pairs; the live view follows from them.
         self._members: dict[int, int] = {}
@@ -506,7 +507,10 @@ class TcpTransport(comm.Transport):
 
     def _broadcast_view(self) -> None:
         with self._cond:
-            msg = {"type": "view", "lost": sorted(self._lost), "joined": sorted(self._joined)}
+            # What this worker saw of each loss travels along, so every survivor can report it.
+            why = {str(r): p.failure for r, p in self._peers.items()
+                   if p.failure and p.failure != "closed" and (r, p.incarnation) in self._lost}
+            msg = {"type": "view", "lost": sorted(self._lost), "joined": sorted(self._joined), "why": why}
             targets = [self._peers[r] for r, inc in self._live_pairs()
                        if r != self.rank and r in self._peers and self._peers[r].incarnation == inc
                        and self._peers[r].failure is None]
@@ -544,6 +548,7 @@ class TcpTransport(comm.Transport):
                     self._control.popleft()
                     lost, joined = frozenset(tuple(x) for x in msg["lost"]), frozenset(tuple(x) for x in msg["joined"])
                     self._lost |= lost
+                    self._merge_reasons(msg)
                     self._joined |= joined
                     latest[sender] = (lost, joined, inc)
                 self._drain_control_out_of_order(latest)
@@ -572,6 +577,10 @@ class TcpTransport(comm.Transport):
         self._install(before, time.monotonic() - start)
         return self.live_ranks()
 
+    def _merge_reasons(self, msg: dict) -> None:
+        for r, why in (msg.get("why") or {}).items():
+            self._reasons.setdefault(str(r), f"{why} (seen by a peer)")
+
     def _drain_control_out_of_order(self, latest) -> None:
         # View messages queued behind other control messages (gathers) still count.
         keep = collections.deque()
@@ -579,6 +588,7 @@ class TcpTransport(comm.Transport):
             if msg.get("type") == "view":
                 lost, joined = frozenset(tuple(x) for x in msg["lost"]), frozenset(tuple(x) for x in msg["joined"])
                 self._lost |= lost
+                self._merge_reasons(msg)
                 self._joined |= joined
                 latest[sender] = (lost, joined, inc)
             else:
@@ -608,7 +618,8 @@ class TcpTransport(comm.Transport):
             details = {}
             for r in lost:
                 p = self._peers.get(r)
-                details[r] = {"reason": p.failure if p is not None and p.failure else "reported lost by a peer",
+                seen = p.failure if p is not None and p.failure and p.failure != "closed" else None
+                details[r] = {"reason": seen or self._reasons.get(str(r), "reported lost by a peer"),
                               "detected_at": p.failed_at if p is not None else None}
             gone = [p for r, p in self._peers.items() if live.get(r) != p.incarnation]
             event = {"event": "membership", "time": time.time(), "live": sorted(live), "lost": sorted(lost),

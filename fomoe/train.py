@@ -46,6 +46,7 @@ from .data import DataConfig, eval_batches, load_worker_data
 from .lm import PRESETS, LMConfig, MoELM, preset
 
 METHODS = ("fomoe", "diloco", "ddp")
+TRANSPORTS = ("default", "tcp")
 DEFAULT_PLACEMENT = "replicated:2"
 
 
@@ -93,6 +94,12 @@ class TrainConfig:
     label: str | None = None
     timeout_s: float = 7200.0
     stop_at: int | None = None          # stop after this step with a checkpoint (continue with --resume)
+    # Between workers: "default" (gloo / NCCL through torch.distributed) or "tcp" (fomoe.tcp:
+    # authenticated, survives lost workers; the token comes from FOMOE_RUN_TOKEN, never the config).
+    transport: str = "default"
+    bind: str | None = None             # tcp: address to listen on (a VPN interface's)
+    advertise: str | None = None        # tcp: host or host:port the other workers dial
+    peer_timeout_s: float = 30.0        # tcp: silence after which a worker counts as lost
 
     def resolved(self) -> "TrainConfig":
         """A copy with defaults filled in and everything validated (raises ConfigError)."""
@@ -149,6 +156,15 @@ class TrainConfig:
                                   "or auto")
         elif c.backend == "nccl":
             raise ConfigError("--backend nccl needs --device cuda")
+        if c.transport not in TRANSPORTS:
+            raise ConfigError(f"--transport must be one of {', '.join(TRANSPORTS)}, got {c.transport!r}")
+        if not (isinstance(c.peer_timeout_s, (int, float)) and c.peer_timeout_s > 0):
+            raise ConfigError(f"--peer-timeout must be > 0, got {c.peer_timeout_s!r}")
+        if c.transport == "default" and (c.bind or c.advertise):
+            raise ConfigError("--bind and --advertise belong to --transport tcp")
+        if c.transport == "tcp" and c.method == "ddp":
+            raise ConfigError("--transport tcp runs outer-sync methods (fomoe, diloco); ddp all-reduces every step's "
+                              "gradients and cannot continue without a lost worker's optimizer state")
         if c.skip_policy not in ("skip", "reroute"):
             raise ConfigError(f"--skip-policy must be skip or reroute, got {c.skip_policy!r}")
         try:
@@ -234,12 +250,16 @@ class RoutingMonitor:
             self.skipped += moe.stats.skipped_fraction.double() * assignments
             self.assignments += assignments
 
-    def round_metrics(self) -> dict:
-        """Metrics of the round over all workers (one small all-reduce); resets the accumulators."""
+    def round_metrics(self, reduce=None) -> dict:
+        """Metrics of the round over all workers (one small all-reduce, or ``reduce(packed)``
+        returning the sum over workers); resets the accumulators."""
         top1 = torch.stack([b.top1_counts for b in self.model.blocks]).double()
         packed = torch.cat([self.load.reshape(-1), top1.reshape(-1), self.skipped.reshape(1),
                             self.load.new_tensor([float(self.assignments)])])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if reduce is not None:
+            summed = reduce(packed)
+            packed = summed if summed is not None else packed   # None: this worker's own metrics only
+        elif dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
         n = self.L * self.E
         load = packed[:n].reshape(self.L, self.E)
@@ -334,11 +354,13 @@ def model_state_bytes(model_cfg: LMConfig, placement, manager, rank: int) -> int
 
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` (rank 0 only)."""
+    """Appends JSON lines to ``metrics.jsonl`` (rank 0, or the lowest live rank after a loss)."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, append: bool = False) -> None:
         self.path = path
-        if resume_step is None:
+        if append:
+            pass   # a worker that took over the log after rank 0 was lost
+        elif resume_step is None:
             path.write_text("")
         elif path.exists():
             # Drop what the interrupted run logged after the checkpoint it resumes from.
@@ -354,11 +376,17 @@ class MetricsLog:
 
 # ---- the worker ----------------------------------------------------------------------------------
 
-def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
-    """One worker's whole run (under ``fomoe.launch.spawn`` or torchrun). Returns its summary."""
-    from . import comm
+def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = None) -> dict:
+    """One worker's whole run (under ``fomoe.launch.spawn`` or torchrun). Returns its summary.
+
+    With ``transport="tcp"`` the workers sync over ``fomoe.tcp.TcpTransport`` (``token``: the
+    run's shared token, default FOMOE_RUN_TOKEN) and every exchange between them goes through it:
+    a lost worker is detected within ``peer_timeout_s``; the others continue without it while
+    every expert keeps a live holder (the loss and its data shard land in metrics.jsonl), else
+    they save a checkpoint and return {"stopped": reason, "checkpoint_step": step}."""
+    from . import checkpoint, comm
     from .placement import Placement
-    from .sync import SyncManager
+    from .sync import ExpertsLost, SyncManager
 
     cfg = TrainConfig.from_dict(cfg_dict)
     rank, world = ctx.rank, ctx.world_size
@@ -368,13 +396,22 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
     device = ctx.device if cfg.device == "cuda" else torch.device("cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    transport = None
+    if cfg.transport == "tcp":
+        from .tcp import TcpOptions, TcpTransport
+        # Rendezvous through torch.distributed's store; from then on nothing between the workers
+        # uses torch.distributed (its collectives would wait forever for a lost worker).
+        transport = TcpTransport(rank, world, token=token, bind=cfg.bind, advertise=cfg.advertise,
+                                 options=TcpOptions(peer_timeout_s=cfg.peer_timeout_s))
+    tolerant = transport is not None
     run_dir = Path(cfg.out)
     data_cfg = DataConfig(paths=tuple(cfg.data), iid=cfg.iid, seed=cfg.seed, token_dtype=cfg.data_dtype)
     data = load_worker_data(data_cfg, rank, world, cfg.seq_len, cfg.batch_size)
     model_cfg = TrainConfig.model_config_for(cfg, data.vocab_size)
     placement = Placement.from_spec(cfg.placement, world, model_cfg.num_experts, model_cfg.n_layers, seed=cfg.seed)
     if world > 1:
-        comm.agree("train-config", {"train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
+        comm.agree("train-config", {"train": {k: v for k, v in cfg.to_dict().items()
+                                              if k not in ("progress", "bind", "advertise")},
                                     "data": data.fingerprint, "placement": placement.fingerprint()},
                    "training configuration")
     torch.manual_seed(cfg.seed * 1000 + rank)
@@ -386,13 +423,19 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     manager = SyncManager(model, inner, method=cfg.method, sync_every=cfg.sync_every, placement=placement,
                           rank=rank, world_size=world, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
-                          weighted=cfg.weighted, global_device=device, compression=cfg.compression,
-                          max_grad_norm=cfg.grad_clip)
+                          weighted=cfg.weighted, global_device="cpu" if tolerant else device,
+                          compression=cfg.compression, max_grad_norm=cfg.grad_clip, transport=transport,
+                          on_membership_change=lambda event: on_membership(event))
     monitor = RoutingMonitor(model)
     eval_set = eval_batches(data.eval_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     full_model = None
-    if rank == 0:
+    if rank == 0 and not tolerant:
         full_model = MoELM(model_cfg, seed=cfg.seed).to(device) if not placement.is_full() else model
+    # Over tcp: every worker's data shard, to report what a lost worker's loss leaves untrained.
+    shards = {}
+    if tolerant:
+        shards = {int(r): json.loads(t) for r, t in manager.exchange(json.dumps(
+            {"tokens": data.shard_tokens, "documents": data.shard_documents})).items()}
 
     start_step, prior = 0, {}
     if resume:
@@ -403,6 +446,45 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
             _write_config(run_dir, cfg, model_cfg, placement, data)
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if rank == 0 else None
     tokens_per_step = world * cfg.batch_size * cfg.seq_len
+    tokens_seen = start_step * tokens_per_step
+
+    def lead() -> bool:
+        # Rank 0 writes the run directory; after its loss, the lowest live rank takes over.
+        nonlocal log
+        if not tolerant:
+            return rank == 0
+        if rank != min(manager.live):
+            return False
+        if log is None:
+            log = MetricsLog(run_dir / "metrics.jsonl", None, append=True)
+        return True
+
+    def on_membership(event: dict) -> None:
+        if not lead():
+            return
+        lost_data = {r: shards.get(r, {}) for r in event["lost"]}
+        reasons = {int(r): d.get("reason") for r, d in event.get("details", {}).items()}
+        detected = {int(r): d.get("detected_at") for r, d in event.get("details", {}).items()}
+        log.write({"kind": "membership", "step": manager.inner_step, "round": event["round"], "lost": event["lost"],
+                   "joined": event["joined"], "live": event["live"], "reasons": reasons, "detected_at": detected,
+                   "lost_data_shards": lost_data, "time": time.perf_counter() - loop_start})
+        for r in event["lost"]:
+            d = lost_data[r]
+            print(f"fomoe train: worker {r} lost at step {manager.inner_step} ({reasons.get(r) or 'reported by a peer'});"
+                  f" continuing with workers {event['live']}; its data shard ({d.get('tokens', '?')} tokens, "
+                  f"{d.get('documents', '?')} documents) is no longer trained on", file=sys.stderr, flush=True)
+
+    def sum_over_workers(packed: torch.Tensor) -> torch.Tensor | None:
+        # Over tcp through the sync manager's exchange (None: interrupted by a loss; skip the line).
+        if not tolerant:
+            if world > 1:
+                dist.all_reduce(packed)
+            return packed
+        got = manager.exchange(json.dumps(packed.tolist()))
+        if got is None:
+            return None
+        return torch.tensor([json.loads(t) for _, t in sorted(got.items())], dtype=packed.dtype,
+                            device=packed.device).sum(0)
 
     bar = None
     if rank == 0 and cfg.progress:
@@ -426,73 +508,112 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
             elif cfg.progress:
                 print(message, file=sys.stderr, flush=True)
 
-    if start_step == 0:
+    if start_step == 0 and not tolerant:   # over tcp: only the final model is evaluated
         evaluate_global({"step": 0, "tokens": 0, "loss": None, "tokens_per_s": 0.0, "bytes_sent": 0.0,
                          "bytes_recv": 0.0, "lr": 0.0, "time": 0.0})
     compute_s = float(prior.get("compute_s", 0.0))
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
-    last_loss, last_tps = float("nan"), 0.0
     loop_start = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        lr = learning_rate(cfg, step)
-        for group in inner.param_groups:
-            group["lr"] = lr
-        batch = data.train.next_batch().to(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            ce, aux = model.loss(batch)
-        (ce + aux).backward()
-        monitor.after_forward(batch.shape[0] * (batch.shape[1] - 1))
-        t1 = time.perf_counter()
-        record = manager.step()
-        done = step + 1
-        if done == cfg.steps and cfg.method != "ddp" and done % cfg.sync_every:
-            record = manager.sync()  # a last, shorter round: the final model is a synchronised one
-        t2 = time.perf_counter()
-        comm_s = record["seconds"] if record else 0.0
-        compute_s += (t1 - t0) + max(0.0, (t2 - t1) - comm_s)
-        window["loss"] += float(ce.detach())
-        window["aux"] += float(aux.detach())
-        window["n"] += 1
-        # A round ends every H steps (ddp: H only paces the routing metrics) and at the last step.
-        is_round = done % cfg.sync_every == 0 or done == cfg.steps
-        is_log = done % cfg.log_every == 0 or is_round or done == cfg.steps
-        if is_log:
-            packed = torch.tensor([window["loss"], window["aux"], window["n"], manager.bytes_sent,
-                                   manager.bytes_recv], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(packed)
-            now = time.perf_counter()
-            last_loss = float(packed[0] / packed[2])
-            last_tps = tokens_per_step * (done - window["step0"]) / max(now - window["t0"], 1e-9)
-            base = {"step": done, "tokens": done * tokens_per_step, "loss": last_loss, "tokens_per_s": last_tps,
-                    "bytes_sent": float(packed[3]) / world, "bytes_recv": float(packed[4]) / world,
-                    "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0))}
-            if rank == 0:
-                log.write({"kind": "train", **base, "aux_loss": float(packed[1] / packed[2])})
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {last_loss:.3f}  {last_tps:,.0f} tok/s  "
-                                        f"comm {base['bytes_sent'] / 2 ** 20:,.1f} MiB/worker", refresh=False)
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": now, "step0": done}
-            if is_round:
-                routing = monitor.round_metrics()
-                if rank == 0:
-                    entry = {"kind": "sync", **base, "round": -(-done // cfg.sync_every), **routing}
-                    log.write(entry)
-            if is_round and (done % cfg.eval_every == 0 or done == cfg.steps):
-                evaluate_global(base)
-            if is_round and (done % cfg.ckpt_every == 0 or done in (cfg.steps, cfg.stop_at)):
-                _save(run_dir, done, model, manager, inner, data, monitor, cfg, rank, world,
-                      {"compute_s": compute_s, "elapsed_s": base["time"]})
+
+    def barrier() -> None:
+        if tolerant:
+            manager.exchange("")
+        elif world > 1:
+            dist.barrier()
+
+    def _train_loop() -> None:
+        nonlocal compute_s, window, tokens_seen
+        for step in range(start_step, cfg.steps):
+            lr = learning_rate(cfg, step)
+            for group in inner.param_groups:
+                group["lr"] = lr
+            batch = data.train.next_batch().to(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                ce, aux = model.loss(batch)
+            (ce + aux).backward()
+            monitor.after_forward(batch.shape[0] * (batch.shape[1] - 1))
+            t1 = time.perf_counter()
+            record = manager.step()
+            done = step + 1
+            if done == cfg.steps and cfg.method != "ddp" and done % cfg.sync_every:
+                record = manager.sync()  # a last, shorter round: the final model is a synchronised one
+            t2 = time.perf_counter()
+            comm_s = record["seconds"] if record else 0.0
+            compute_s += (t1 - t0) + max(0.0, (t2 - t1) - comm_s)
+            window["loss"] += float(ce.detach())
+            window["aux"] += float(aux.detach())
+            window["n"] += 1
+            # A round ends every H steps (ddp: H only paces the routing metrics) and at the last step.
+            is_round = done % cfg.sync_every == 0 or done == cfg.steps
+            is_log = done % cfg.log_every == 0 or is_round or done == cfg.steps
+            if is_log:
+                packed = torch.tensor([window["loss"], window["aux"], window["n"], manager.bytes_sent,
+                                       manager.bytes_recv, 1.0], dtype=torch.float64, device=device)
+                packed = sum_over_workers(packed)
+                now = time.perf_counter()
+                if packed is not None:
+                    workers = float(packed[5])   # those that reported (fewer after a loss)
+                    tokens_seen += int(packed[2]) * cfg.batch_size * cfg.seq_len
+                    tokens = done * tokens_per_step if not tolerant else tokens_seen
+                    last_loss = float(packed[0] / packed[2])
+                    last_tps = tokens_per_step * (done - window["step0"]) / max(now - window["t0"], 1e-9) \
+                        if not tolerant else int(packed[2]) * cfg.batch_size * cfg.seq_len / max(now - window["t0"], 1e-9)
+                    base = {"step": done, "tokens": tokens, "loss": last_loss, "tokens_per_s": last_tps,
+                            "bytes_sent": float(packed[3]) / workers, "bytes_recv": float(packed[4]) / workers,
+                            "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0))}
+                    if lead():
+                        log.write({"kind": "train", **base, "aux_loss": float(packed[1] / packed[2])})
+                        if bar is not None:
+                            bar.set_postfix_str(f"loss {last_loss:.3f}  {last_tps:,.0f} tok/s  "
+                                                f"comm {base['bytes_sent'] / 2 ** 20:,.1f} MiB/worker", refresh=False)
+                window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": now, "step0": done}
+                if is_round:
+                    routing = monitor.round_metrics(reduce=sum_over_workers if tolerant else None)
+                    if lead() and packed is not None:
+                        entry = {"kind": "sync", **base, "round": -(-done // cfg.sync_every), **routing}
+                        log.write(entry)
+                if is_round and not tolerant and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    evaluate_global(base)
+                if is_round and (done % cfg.ckpt_every == 0 or done in (cfg.steps, cfg.stop_at)):
+                    try:
+                        _save(run_dir, done, model, manager, inner, data, monitor, cfg, rank, world,
+                              {"compute_s": compute_s, "elapsed_s": now - loop_start + float(prior.get("elapsed_s", 0.0))})
+                    except checkpoint.CheckpointSkipped as exc:
+                        if lead():
+                            print(f"fomoe train: {exc}", file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.update(1)
+            if done == cfg.stop_at:
+                break
+
+    last_loss, last_tps = float("nan"), 0.0
+    try:
+        _train_loop()
+    except ExpertsLost as exc:
+        # The survivors hold the last applied round consistently: save it, then stop.
+        manager.reset_to_global()
+        step = manager.round * cfg.sync_every
+        saved = step
+        if checkpoint.latest_step(run_dir) != step:   # else the periodic one of this state is complete
+            try:
+                _save(run_dir, step, model, manager, inner, data, monitor, cfg, rank, world,
+                      {"compute_s": compute_s, "elapsed_s": time.perf_counter() - loop_start})
+            except checkpoint.CheckpointError as err:
+                saved = None
+                print(f"fomoe train: rank {rank}: {err}", file=sys.stderr, flush=True)
+        if lead():
+            log.write({"kind": "stopped", "step": step, "reason": str(exc), "checkpoint_step": saved})
         if bar is not None:
-            bar.update(1)
-        if done == cfg.stop_at:
-            break
+            bar.close()
+        transport.close()
+        return {"rank": rank, "stopped": str(exc), "checkpoint_step": saved, "lost": exc.lost}
     if bar is not None:
         bar.close()
     if cfg.stop_at is not None and start_step < cfg.stop_at:
-        if world > 1:
-            dist.barrier()
+        barrier()
+        if transport is not None:
+            transport.close()
         return {"rank": rank, "stopped_at": cfg.stop_at, "out": str(run_dir)}
     elapsed = time.perf_counter() - loop_start + float(prior.get("elapsed_s", 0.0))
     mine = {"rank": rank, "bytes_sent": manager.bytes_sent, "bytes_recv": manager.bytes_recv,
@@ -500,21 +621,30 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False) -> dict:
             "model_state_mib": model_state_bytes(model_cfg, placement, manager, rank) / 2 ** 20,
             "shard_tokens": data.shard_tokens, "shard_documents": data.shard_documents,
             "expected_bytes_per_sync": list(manager.expected_traffic)}
-    everyone = [None] * world if rank == 0 else None
-    if world > 1:
+    if tolerant:
+        got = manager.exchange(json.dumps(mine))
+        everyone = [json.loads(t) for _, t in sorted(got.items())] if got else [mine]
+    elif world > 1:
+        everyone = [None] * world if rank == 0 else None
         dist.gather_object(mine, everyone, dst=0)
     else:
         everyone = [mine]
     summary = None
-    if rank == 0:
+    if lead():
         summary = _finish(run_dir, cfg, model_cfg, placement, everyone, elapsed, log, device, eval_set)
-    if world > 1:
-        dist.barrier()
-    return summary if rank == 0 else mine
+        if tolerant:
+            summary["membership"] = [e for e in manager.events if e["event"] == "membership"]
+            summary["lost_workers"] = sorted(set(range(world)) - set(manager.live))
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    barrier()
+    if transport is not None:
+        transport.close()
+    return summary if summary is not None else mine
 
 
 # Fields a resumed run may change: they do not alter what is computed.
-RESUMABLE_FIELDS = ("steps", "progress", "stop_at", "threads", "timeout_s")
+RESUMABLE_FIELDS = ("steps", "progress", "stop_at", "threads", "timeout_s", "transport", "bind", "advertise",
+                    "peer_timeout_s")
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: LMConfig, placement, data) -> None:
@@ -538,8 +668,10 @@ def _save(run_dir, step, model, manager, inner, data, monitor, cfg, rank, world,
     from . import checkpoint
     extra = {"data": data.train.state_dict(), "counters": counters,
              "router_at_last_sync": [w.cpu() for w in monitor.prev_router]}
+    # Over a fault-tolerant transport the commit goes through the sync manager's exchange.
+    gather = (lambda tag, text: manager.exchange(text)) if manager.transport.fault_tolerant else None
     checkpoint.save(run_dir, step, model=model, sync_manager=manager, inner_optimizer=inner, extra_state=extra,
-                    config=_checkpoint_config(cfg), rank=rank, world_size=world)
+                    config=_checkpoint_config(cfg), rank=rank, world_size=world, gather=gather)
 
 
 def _restore(run_dir, model, manager, inner, data, monitor, cfg, rank, world) -> tuple[int, dict]:
@@ -613,30 +745,78 @@ def check_data(cfg: TrainConfig) -> str:
     return corpus.description
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run ``cfg`` on ``cfg.workers`` local processes; returns rank 0's summary."""
-    from .launch import spawn
+class RunStopped(RuntimeError):
+    """Workers were lost and an expert had no live holder left (replication 1, or all holders
+    lost): the survivors saved a checkpoint and stopped. ``checkpoint_step``: that checkpoint
+    (None if it could not be written); ``lost``: the lost ranks."""
+
+    def __init__(self, message: str, checkpoint_step: int | None, lost: Sequence[int]) -> None:
+        super().__init__(message)
+        self.checkpoint_step, self.lost = checkpoint_step, list(lost)
+
+
+def run_token(cfg: TrainConfig, token: str | None = None) -> str | None:
+    """The run's shared token for ``--transport tcp`` (``token`` or FOMOE_RUN_TOKEN), else None."""
+    if cfg.transport != "tcp":
+        return None
+    from .tcp import TOKEN_ENV
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise ConfigError(f"--transport tcp needs the run's shared token on every worker: set {TOKEN_ENV} (or pass "
+                          f"--token), e.g. to the output of: python -c 'import secrets; print(secrets.token_hex(32))'")
+    return token
+
+
+def train(cfg: TrainConfig, resume: bool = False, token: str | None = None, on_start=None) -> dict:
+    """Run ``cfg`` on ``cfg.workers`` local processes; returns rank 0's summary (over tcp after a
+    loss of rank 0: the lowest surviving rank's). ``token``: the run's token for
+    ``transport="tcp"`` (default FOMOE_RUN_TOKEN). ``on_start(processes)``: called once the
+    worker processes started (fault-injection experiments). Over tcp, raises ``RunStopped``
+    when lost workers took experts with them, after the survivors saved a checkpoint."""
+    from .launch import Failed, WorkerError, spawn
     cfg = cfg.resolved()
     check_data(cfg)
+    token = run_token(cfg, token)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-    results = spawn(run_worker, cfg.workers, backend=backend, args=(cfg.to_dict(), resume),
-                    timeout_s=cfg.timeout_s, threads_per_worker=threads)
-    return results[0]
+    if cfg.transport != "tcp":
+        results = spawn(run_worker, cfg.workers, backend=backend, args=(cfg.to_dict(), resume),
+                        timeout_s=cfg.timeout_s, threads_per_worker=threads, on_start=on_start)
+        return results[0]
+    # Over tcp a lost worker does not end the run: the others continue or stop on their own.
+    results = spawn(run_worker, cfg.workers, backend=backend, args=(cfg.to_dict(), resume, token),
+                    timeout_s=cfg.timeout_s, threads_per_worker=threads, tolerate_failures=True, on_start=on_start)
+    failed = {r.rank: r.error for r in results if isinstance(r, Failed)}
+    done = [r for r in results if not isinstance(r, Failed)]
+    stopped = [r for r in done if "stopped" in r]
+    if stopped:
+        first = stopped[0]
+        where = (f"the survivors saved a checkpoint of step {first['checkpoint_step']}"
+                 if first["checkpoint_step"] is not None else "the survivors could not save a checkpoint")
+        raise RunStopped(f"{first['stopped']}. Stopped: {where}. Restart every worker with: fomoe train --out {cfg.out} "
+                         f"--resume (it resumes from the newest checkpoint that holds every worker's shard)",
+                         first["checkpoint_step"], first["lost"])
+    summary = next((r for r in done if "final_eval_loss" in r or "stopped_at" in r), None)
+    if summary is None:
+        raise WorkerError(failed or {0: "no worker returned a summary"}, cfg.workers)
+    if failed:
+        summary["failed_workers"] = {r: err.strip().splitlines()[-1] if err.strip() else "" for r, err in failed.items()}
+    return summary
 
 
-def train_under_torchrun(cfg: TrainConfig, resume: bool = False) -> dict | None:
+def train_under_torchrun(cfg: TrainConfig, resume: bool = False, token: str | None = None) -> dict | None:
     """This process is one torchrun worker: initialise from the environment and run it."""
     from .launch import init_from_env
     cfg = cfg.resolved()
+    token = run_token(cfg, token)
     ctx = init_from_env("nccl" if cfg.device == "cuda" else "gloo", timeout_s=cfg.timeout_s)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     try:
-        return run_worker(ctx, cfg.to_dict(), resume)
+        return run_worker(ctx, cfg.to_dict(), resume, token)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

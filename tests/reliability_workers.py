@@ -13,7 +13,9 @@ net trained over the fault-tolerant TCP transport, with faults injected on reque
 - ``run_dir``: checkpoints go there (on ``ExpertsLost`` the survivors save one and stop);
 - ``join``: this worker restarts into a running run (``TcpTransport(join=True)``);
 - ``netns``: {rank: namespace}: run that worker inside a network namespace;
-- ``peers``: explicit addresses instead of the store rendezvous.
+- ``peers``: explicit addresses instead of the store rendezvous;
+- ``hash_log``: after every applied round, append a sha256 of each held expert's θ_global to
+  ``run_dir/hashes-<rank>.jsonl`` (flushed at once, so a killed worker's record survives it).
 
 It returns a dict: status ("finished" / "stopped: ..." / "excluded: ..."), losses, final
 θ_global, membership events with detection times, bytes, per-round sync seconds.
@@ -131,6 +133,8 @@ def ft_worker(ctx, spec: dict) -> dict:
             rec = mgr.step()
             if rec is not None:
                 sync_s.append(rec["seconds"])
+                if spec.get("hash_log") and run_dir:
+                    write_hashes(Path(run_dir, f"hashes-{rank}.jsonl"), mgr)
                 if spec.get("record"):
                     averages.extend(averaged_updates(mgr))
             if kill_at is not None and step == kill_at:
@@ -161,10 +165,78 @@ def ft_worker(ctx, spec: dict) -> dict:
     return out
 
 
-def timed_killer(run_dir: str, victim: int, at_s: float, signal_no: int = signal.SIGKILL, world: int = 0):
+def write_hashes(path: Path, mgr) -> None:
+    """One line: the rounds applied so far and a sha256 of every held expert's θ_global."""
+    import hashlib
+    experts = {}
+    for key, value in sorted(mgr.global_state().items()):
+        if ".experts." in key:
+            name = key.rsplit(".", 1)[0]   # blocks.<l>.experts.<e>
+            h = experts.setdefault(name, hashlib.sha256())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    line = {"round": mgr.round, "experts": {k: h.hexdigest() for k, h in experts.items()},
+            "numel": {k: sum(v.numel() for kk, v in mgr.global_state().items() if kk.rsplit(".", 1)[0] == k)
+                      for k in experts}}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_hashes(path: Path) -> dict[int, dict]:
+    """round -> {"experts": {name: sha256}, "numel": {name: elements}} from ``write_hashes``."""
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                out[d["round"]] = d
+    return out
+
+
+def average_mismatches(results: list, dropped: dict | None = None) -> tuple[int, list[str]]:
+    """Checks every averaged update against the mean of the contributions its members packed for
+    that round (the last attempt of each, leaving out ``dropped`` ones: {(round, ranks, experts):
+    ranks}); averages with a member whose round is not in ``results`` (a killed worker before
+    its loss, a restarted one before it joined) are not checked. Returns (checked, mismatches)."""
+    contributions, recorded_rounds = {}, {}
+    for res in results:
+        for c in res["recorded"]:
+            contributions[(res["rank"], c["round"], tuple(c["ranks"]), tuple(map(tuple, c["experts"])))] = c["buf"]
+            recorded_rounds.setdefault(res["rank"], set()).add(c["round"])
+    checked, bad = 0, []
+    for res in results:
+        for a in res["averages"]:
+            key = (a["round"], tuple(a["ranks"]), tuple(map(tuple, a["experts"])))
+            skip = (dropped or {}).get(key, set())
+            if any(a["round"] not in recorded_rounds.get(r, ()) for r in a["ranks"] if r not in skip):
+                continue
+            parts = [contributions[(r, *key)] for r in a["ranks"] if r not in skip]
+            want = torch.stack(parts).sum(0) / len(parts)
+            if not torch.allclose(a["avg"], want, rtol=1e-5, atol=1e-7):
+                bad.append(f"rank {res['rank']} round {a['round']} ranks {a['ranks']}: max error "
+                           f"{float((a['avg'] - want).abs().max()):.3g}")
+            checked += 1
+    return checked, bad
+
+
+def dropped_contributions(results: list) -> dict:
+    """{(round, ranks, experts): dropped ranks} from the workers' "dropped" events."""
+    dropped = {}
+    for res in results:
+        for e in res["events"]:
+            if e["event"] == "dropped":
+                b = next(a for a in res["averages"] if a["round"] == e["round"] and a["ranks"] == e["ranks"])
+                dropped[(e["round"], tuple(e["ranks"]), tuple(map(tuple, b["experts"])))] = {int(r) for r in e["dropped"]}
+    return dropped
+
+
+def timed_killer(run_dir: str, victim: int, at_s: float, signal_no: int = signal.SIGKILL, world: int = 0,
+                 thaw_s: float = 30.0):
     """An ``on_start`` callback for ``fomoe.launch.spawn``: once every worker started training
     (their ``started-*`` files), send ``signal_no`` to worker ``victim`` after ``at_s`` seconds.
-    The kill time lands in ``run_dir/killed`` (wall clock)."""
+    The kill time lands in ``run_dir/killed`` (wall clock). A SIGSTOPped worker is thawed
+    ``thaw_s`` seconds later."""
     import threading
 
     def run(procs) -> None:
@@ -182,7 +254,7 @@ def timed_killer(run_dir: str, victim: int, at_s: float, signal_no: int = signal
         Path(run_dir, "killed").write_text(json.dumps({"rank": victim, "time": t, "signal": int(signal_no)}))
         if signal_no == signal.SIGSTOP:
             # A frozen worker: thaw it later so it finds out it was excluded, and exits.
-            time.sleep(30)
+            time.sleep(thaw_s)
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:

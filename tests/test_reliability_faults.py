@@ -40,25 +40,9 @@ def _run(spec: dict, world: int = 4, **kw) -> list:
 
 def _check_averages_against_contributions(results: list, dropped: dict | None = None) -> int:
     """Every averaged update equals the mean of the contributions its live members packed for
-    that round (the last attempt of each, leaving out dropped ones). Averages with a member whose
-    round is not in ``results`` (a killed worker before its loss, a restarted one before it
-    joined) are not checked. Returns how many were checked."""
-    contributions, recorded_rounds = {}, {}
-    for res in results:
-        for c in res["recorded"]:
-            contributions[(res["rank"], c["round"], tuple(c["ranks"]), tuple(map(tuple, c["experts"])))] = c["buf"]
-            recorded_rounds.setdefault(res["rank"], set()).add(c["round"])
-    checked = 0
-    for res in results:
-        for a in res["averages"]:
-            key = (a["round"], tuple(a["ranks"]), tuple(map(tuple, a["experts"])))
-            skip = (dropped or {}).get(key, set())
-            if any(a["round"] not in recorded_rounds.get(r, ()) for r in a["ranks"] if r not in skip):
-                continue
-            parts = [contributions[(r, *key)] for r in a["ranks"] if r not in skip]
-            want = torch.stack(parts).sum(0) / len(parts)
-            torch.testing.assert_close(a["avg"], want, rtol=1e-5, atol=1e-7)
-            checked += 1
+    that round (``reliability_workers.average_mismatches``). Returns how many were checked."""
+    checked, bad = rw.average_mismatches(results, dropped)
+    assert not bad, bad[:5]
     return checked
 
 
@@ -242,11 +226,5 @@ def test_nan_inf_and_huge_updates_are_dropped_for_their_round(tmp_path):
     assert {k: {w for _, w in v} for k, v in drops.items()} == {(1, 2): {"non-finite"}, (3, 1): {"update"},
                                                                   (5, 3): {"non-finite"}}
     assert {r for _, v in drops.items() for r, _ in v} == {0, 1, 2, 3}
-    dropped = {}
-    for res in results:
-        for e in res["events"]:
-            if e["event"] == "dropped":
-                b = next(a for a in res["averages"] if a["round"] == e["round"] and a["ranks"] == e["ranks"])
-                dropped[(e["round"], tuple(e["ranks"]), tuple(map(tuple, b["experts"])))] = {int(r) for r in e["dropped"]}
-    assert _check_averages_against_contributions(results, dropped) > 0
+    assert _check_averages_against_contributions(results, rw.dropped_contributions(results)) > 0
     _check_no_parameter_lost(results, p)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -148,3 +149,98 @@ def test_torchrun_runs_one_worker_per_process(tmp_path):
     assert lines[-1]["kind"] == "final"
     assert json.loads((out / "summary.json").read_text())["workers"] == 2
     assert "held-out eval loss of the consolidated model" in proc.stdout
+
+
+# ---- over the fault-tolerant TCP transport ------------------------------------------------------------
+
+TCP = ["--transport", "tcp", "--peer-timeout", "3"]
+
+
+def _kill_after_line(out: Path, victim: int, step: int, checkpointed: bool = False):
+    """``on_start`` for ``train``: SIGKILL worker ``victim`` as soon as metrics.jsonl has a line of
+    ``step`` or later (and, if ``checkpointed``, the checkpoint of that step is complete): the run
+    is then mid-way through its next round."""
+    import signal
+    import threading
+    import time
+
+    from fomoe import checkpoint
+
+    def run(procs):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if any(json.loads(line).get("step", 0) >= step for line in (out / "metrics.jsonl").read_text().splitlines()):
+                    if not checkpointed or (checkpoint.latest_step(out) or 0) >= step:
+                        break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.005)
+        os.kill(procs[victim].pid, signal.SIGKILL)
+    return lambda procs: threading.Thread(target=run, args=(procs,), daemon=True).start()
+
+
+def _config(args: list[str], out: Path) -> TrainConfig:
+    from fomoe.cli import _explicit, build_parser
+    parsed = build_parser().parse_args(["train", *args, "--out", str(out)])
+    return TrainConfig(**_explicit(parsed), out=str(out), progress=False)
+
+
+def test_tcp_needs_a_token(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FOMOE_RUN_TOKEN", raising=False)
+    assert main(["train", "--out", str(tmp_path / "r"), *TCP, *SMALL]) == 2
+    assert "FOMOE_RUN_TOKEN" in capsys.readouterr().err
+
+
+def test_tcp_run_loses_a_worker_and_finishes_without_it(tmp_path, monkeypatch):
+    """Replication 2: a worker SIGKILLed mid-round; the others finish, report the loss and its
+    data shard, and the exported model holds every expert."""
+    from safetensors.torch import load_file
+    from fomoe.train import train
+    out = tmp_path / "r2"
+    cfg = _config(["--workers", "3", "--placement", "replicated(2)", "--steps", "20", "--sync-every", "5",
+                   "--log-every", "1", *TCP, *SMALL], out)
+    summary = train(cfg, token="test-token", on_start=_kill_after_line(out, 1, 7))
+    assert summary["lost_workers"] == [1] and "code -9" in summary["failed_workers"][1]
+    lines = read_metrics(out)
+    [change] = [m for m in lines if m["kind"] == "membership"]
+    assert change["lost"] == [1] and change["live"] == [0, 2] and 7 <= change["step"] <= 20
+    assert re.search("connection closed|reset|failed", change["reasons"]["1"]), change["reasons"]
+    shard = change["lost_data_shards"]["1"]
+    assert shard["tokens"] > 0 and shard["documents"] > 0
+    # Every train line after the loss counts the two survivors' steps only.
+    after = [m for m in lines if m["kind"] == "train" and m["step"] > change["step"]]
+    assert after and all(b["tokens"] - a["tokens"] == 2 * (b["step"] - a["step"]) * 4 * 32
+                         for a, b in zip(after, after[1:]))
+    assert lines[-1]["kind"] == "final" and math.isfinite(lines[-1]["eval_loss"])
+    assert lines[-1]["eval_loss"] < math.log(256) - 1.0
+    model = load_file(str(out / "model.safetensors"))
+    for l in range(2):
+        for e in range(4):
+            w = model[f"blocks.{l}.moe.experts.{e}.w13"]
+            assert torch.isfinite(w).all()
+
+
+def test_tcp_run_stops_with_a_checkpoint_when_experts_are_lost_and_resumes_exactly(straight_run, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Replication 1 (partition): losing a worker loses experts, so the survivor stops with a
+    checkpoint; the run resumed from it ends exactly where the uninterrupted run with the default
+    transport ends (the TCP transport computes the same sums)."""
+    from fomoe.train import RunStopped, train
+    out = tmp_path / "r1"
+    args = ["--workers", "2", "--placement", "partition", "--steps", "20", "--sync-every", "5", "--eval-every", "5",
+            "--ckpt-every", "5", *TCP, *SMALL]
+    with pytest.raises(RunStopped, match=r"were held only by lost workers \(lost ranks \[1\]; live ranks \[0\]\)") as exc:
+        train(_config(args, out), token="test-token", on_start=_kill_after_line(out, 1, 5, checkpointed=True))
+    assert exc.value.lost == [1] and exc.value.checkpoint_step in (5, 10, 15)
+    from fomoe import checkpoint
+    assert checkpoint.latest_step(out) == exc.value.checkpoint_step
+    stopped = [m for m in read_metrics(out) if m["kind"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["checkpoint_step"] == exc.value.checkpoint_step
+    monkeypatch.setenv("FOMOE_RUN_TOKEN", "test-token")
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "held-out eval loss" in capsys.readouterr().out
+
+    def same(lines):
+        return [t for t in trajectory(lines) if t[0] in ("train", "sync", "final")]
+    assert same(read_metrics(out)) == same(read_metrics(straight_run))
