@@ -481,3 +481,55 @@ def test_add_subparser_hooks_into_a_cli(capsys):
     args = parser.parse_args(["plan", "--preset", "olmoe-1b-7b", "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["preset"] == "olmoe-1b-7b"
+
+
+# ---- sync time: critical path through the schedule, loss, commit barrier -----------------------
+
+def _chain_schedule():
+    """Dense over three workers, then three pair buckets where each pair waits for the last."""
+    from fomoe.sync import Bucket
+    return [Bucket((0, 1, 2), 300, 300, ()), Bucket((0, 1), 100, 0, ((0, 0),)),
+            Bucket((0, 2), 100, 0, ((0, 1),)), Bucket((1, 2), 100, 0, ((0, 2),))]
+
+
+def test_sync_seconds_is_the_critical_path_of_the_schedule():
+    buckets = _chain_schedule()
+    link = plan.Link(bandwidth_gbps=8e-6, latency_ms=100)   # 1000 bytes/s
+    # dense ring of 3: 4 steps of 100 fp32 (400 B) -> 1.6 s + 0.4 s; a pair: 2 steps of 200 B -> 0.4 + 0.2 s
+    dense, pair = 2.0, 0.6
+    # (0,1) after the dense; (0,2) waits for rank 0; (1,2) waits for rank 2, which waited for rank 0
+    assert plan.sync_seconds(buckets, 3, link) == pytest.approx(dense + 3 * pair)
+    # a worker's own sum (what the model used to take) misses the waiting
+    assert max(t.seconds(link) for t in plan.rank_traffic(buckets, 3)) == pytest.approx(dense + 2 * pair)
+    # the TCP transport's commit barrier: one more one-way message
+    assert plan.sync_seconds(buckets, 3, link, commit_barrier=True) == pytest.approx(dense + 3 * pair + 0.1)
+    # disjoint groups run side by side
+    from fomoe.sync import Bucket
+    side = [Bucket((0, 1), 100, 0, ((0, 0),)), Bucket((2, 3), 100, 0, ((0, 1),))]
+    assert plan.sync_seconds(side, 4, link) == pytest.approx(pair)
+    # a Plan's comm time is this function on its own schedule
+    p = plan.preset("tiny").plan(workers=3, placement="replicated:2", latency_ms=50)
+    assert p.comm_seconds("fomoe") == pytest.approx(plan.sync_seconds(p.buckets("fomoe"), 3, p.link))
+    assert p.comm_seconds("fomoe") >= max(t.seconds(p.link) for t in p.traffic("fomoe"))
+
+
+def test_lossy_link_pays_one_round_trip_per_lost_segment():
+    link = plan.Link(bandwidth_gbps=8e-6, latency_ms=100, loss=0.1, segment_bytes=100)
+    # 1600 B: 16 segments, 1.6 of them lost on average, each 0.2 s
+    assert link.transfer_seconds(1600, 4) == pytest.approx(1.6 + 0.4 + 1.6 * 0.2)
+    lossless = plan.Link(bandwidth_gbps=8e-6, latency_ms=100)
+    buckets = _chain_schedule()
+    extra = plan.sync_seconds(buckets, 3, link) - plan.sync_seconds(buckets, 3, lossless)
+    assert extra == pytest.approx((1600 + 3 * 400) / 100 * 0.1 * 0.2)
+    for bad in (dict(loss=1.0), dict(loss=-0.01), dict(segment_bytes=0)):
+        with pytest.raises(plan.PlanError):
+            plan.Link(**bad)
+    # the plan's command line takes the loss rate
+    p = plan.plan_from_args(_plan_args(["--loss", "0.01", "--latency-ms", "80"]))
+    assert p.link.loss == 0.01 and p.comm_seconds("fomoe") > p.with_(loss=0.0).comm_seconds("fomoe")
+
+
+def _plan_args(argv):
+    parser = argparse.ArgumentParser()
+    plan._add_arguments(parser)
+    return parser.parse_args(argv)
