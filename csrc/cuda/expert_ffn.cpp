@@ -3,12 +3,18 @@
 // Forward:  gather x into expert order -> grouped GEMM with w13 (h, saved for the backward)
 //           -> SwiGLU -> grouped GEMM with w2 -> gate-weighted combine through `inverse`
 //           (a gather per token, deterministic; no atomics).
-// Backward: gather x and grad_y -> dgrad GEMM with w2^T (the unweighted grad of the SwiGLU
+// Backward: gather grad_y -> dgrad GEMM with w2^T (the unweighted grad of the SwiGLU
 //           output) -> one fused pass: gate gradient (row dot with the recomputed SwiGLU
 //           output), SwiGLU backward scaled by the gate, gate-scaled SwiGLU output
-//           -> weight-gradient GEMMs for w2 and w13 -> dgrad GEMM with w13^T -> combine.
+//           -> weight-gradient GEMM for w2 -> gather x -> weight-gradient GEMM for w13
+//           -> dgrad GEMM with w13^T -> combine.
 // Only h [T*k, 2*d_ff] is saved between them; every other intermediate is recomputed or
 // lives only inside one call. All launches read offsets on the device: no host sync.
+// h's rows past the kept count are left unwritten: the backward reads only the kept rows,
+// and writing them (half of h when half the assignments are skipped) is pure overhead.
+// The backward keeps its transient peak low: the gate-scaled SwiGLU output overwrites the
+// SwiGLU output's gradient in place, and x is gathered only for the w13 weight gradient, into
+// the buffer grad_y's rows used (peak n*(d + 3*d_ff) elements beyond h, was n*(2*d + 4*d_ff)).
 // The row gather and combine are the routing kernels' (routing.h), so a build selecting
 // expert_ffn* with FOMOE_CUDA_SOURCES must select routing* too. Rows past the kept count are
 // never gathered, computed or read.
@@ -99,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x, const at
   with_cuda_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     gather_into(op, xc, perm, top_k, xg, stream);
-    // h is returned only when saved; its rows past the kept count are then zeroed like grouped_mm's.
-    grouped_mm_into(op, xg, w13c, off, h, /*zero_tail=*/save_for_backward);
+    // Rows of h past the kept count stay unwritten (see the top of this file).
+    grouped_mm_into(op, xg, w13c, off, h, /*zero_tail=*/false);
     xg.reset();
     check_launch(ffn::swiglu_forward<T>(ptr<T>(h), mutable_ptr<T>(a), off.const_data_ptr<int32_t>(), groups, n, f,
                                         stream),
@@ -145,30 +151,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
   auto grad_gate = at::zeros({tokens, top_k}, x.options().dtype(acc));  // skipped slots stay zero
   with_cuda_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    auto xg = at::empty({n, d}, x.options());
-    auto gy_rows = at::empty({n, d}, x.options());
-    gather_into(op, xc, perm, top_k, xg, stream);
-    gather_into(op, gy, perm, top_k, gy_rows, stream);
+    // One [T*k, d] buffer serves three operands in turn (stream order makes each reuse safe):
+    // grad_y's rows, then x's rows, then the rows of grad_x.
+    auto rows_d = at::empty({n, d}, x.options());
+    gather_into(op, gy, perm, top_k, rows_d, stream);
     // Unweighted gradient of each row's expert output wrt the SwiGLU output: grad_y rows @ w2[e]^T.
     auto grad_a = at::empty({n, f}, x.options());
-    grouped_mm_into(op, gy_rows, w2c.transpose(1, 2), off, grad_a, /*zero_tail=*/false);
+    grouped_mm_into(op, rows_d, w2c.transpose(1, 2), off, grad_a, /*zero_tail=*/false);
     auto grad_h = at::empty({n, 2 * f}, x.options());
-    auto a_gated = at::empty({n, f}, x.options());
+    // The fused pass writes the gate-scaled SwiGLU output over grad_a (each element is read
+    // before it is overwritten, by the same thread): one [T*k, d_ff] buffer less at the peak.
     check_launch(ffn::swiglu_gate_backward<T>(ptr<T>(hc), ptr<T>(grad_a), ptr<gemm::accum_t<T>>(gate_acc),
                                               perm.const_data_ptr<int32_t>(), offp, groups, n, f,
-                                              mutable_ptr<T>(grad_h), mutable_ptr<T>(a_gated),
+                                              mutable_ptr<T>(grad_h), /*a_gated=*/mutable_ptr<T>(grad_a),
                                               mutable_ptr<gemm::accum_t<T>>(grad_gate), stream),
                  op);
+    grad_w2 = grouped_weight_grad(op, /*a_gated=*/grad_a, /*grad_y rows=*/rows_d, off);
     grad_a.reset();
-    grad_w2 = grouped_weight_grad(op, a_gated, gy_rows, off);
-    a_gated.reset();
-    grad_w13 = grouped_weight_grad(op, xg, grad_h, off);
-    xg.reset();
-    auto grad_rows = gy_rows;  // grad_y's rows are consumed: reuse their memory (same stream, so ordered)
-    grouped_mm_into(op, grad_h, w13c.transpose(1, 2), off, grad_rows, /*zero_tail=*/false);
+    gather_into(op, xc, perm, top_k, rows_d, stream);  // x's rows, needed only for the w13 gradient
+    grad_w13 = grouped_weight_grad(op, /*x rows=*/rows_d, grad_h, off);
+    grouped_mm_into(op, grad_h, w13c.transpose(1, 2), off, /*grad_x rows=*/rows_d, /*zero_tail=*/false);
     grad_h.reset();
     grad_x = at::empty({tokens, d}, x.options());
-    combine_into(op, grad_rows, inv, at::Tensor(), grad_x, stream);
+    combine_into(op, rows_d, inv, at::Tensor(), grad_x, stream);
   });
   return {grad_x, grad_w13, grad_w2, grad_gate.to(gate.scalar_type())};
 }

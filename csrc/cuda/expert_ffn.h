@@ -22,6 +22,8 @@ cudaError_t swiglu_forward(const T* h, T* a, const int32_t* offsets, int groups,
 //   grad_h[j]          = SwiGLU'(h[j]) applied to g * grad_a[j]
 //   a_gated[j]         = g * a                    (the w2 weight gradient's left operand)
 // grad_gate entries of skipped assignments are not written (the caller zero-fills).
+// a_gated may be grad_a itself (in place): each element is read before the same thread
+// overwrites it.
 template <typename T>
 cudaError_t swiglu_gate_backward(const T* h, const T* grad_a, const accum_t<T>* gate, const int32_t* permutation,
                                  const int32_t* offsets, int groups, int64_t rows, int64_t f, T* grad_h, T* a_gated,
