@@ -22,6 +22,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/kernel_hardware_info.h>
 
+#include <mutex>
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -169,31 +170,88 @@ __global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupA
   }
 }
 
+// CUTLASS's host-side setup of a launch (TMA descriptor encoding, the kernel's shared-memory
+// attribute) is a pure function of the argument block, and that depends only on the workspace
+// address, the group count, the SM count and the device (shapes, operand pointers and strides
+// all live in the workspace). A training loop gets the same workspace back from the caching
+// allocator every step, so the setup is kept per variant and reused: a hit only launches.
+template <class K>
+class SetupCache {
+ public:
+  using Params = typename K::Gemm::Params;
+  struct Key {
+    const void* workspace;
+    int groups, sm_count, device;
+    bool operator==(const Key& o) const {
+      return workspace == o.workspace && groups == o.groups && sm_count == o.sm_count && device == o.device;
+    }
+  };
+
+  static SetupCache& instance() {
+    static SetupCache cache;
+    return cache;
+  }
+  bool find(const Key& key, Params& out) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int i = 0; i < used_; ++i) {
+      if (slots_[i].key == key) {
+        out = slots_[i].params;
+        return true;
+      }
+    }
+    return false;
+  }
+  void insert(const Key& key, const Params& params) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Slot& slot = slots_[next_];
+    slot.key = key;
+    slot.params = params;
+    next_ = (next_ + 1) % kSlots;
+    if (used_ < kSlots) ++used_;
+  }
+
+ private:
+  static constexpr int kSlots = 16;  // a few layers' shapes and devices; the oldest entry goes first
+  struct Slot {
+    Key key{};
+    Params params{};
+  };
+  std::mutex mutex_;
+  Slot slots_[kSlots];
+  int used_ = 0, next_ = 0;
+};
+
 template <class K>
 cudaError_t launch(int groups, const GroupArgs<K>& g, int sm_count, size_t workspace_bytes, cudaStream_t stream) {
   using Gemm = typename K::Gemm;
-  typename Gemm::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-  args.problem_shape = {groups, g.shapes, nullptr};  // shapes live on the device only
-  args.mainloop = {g.a, g.stride_a, g.b, g.stride_b};
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.ptr_D = g.d;
-  args.epilogue.dD = g.stride_d;
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
   int device = 0;
   FOMOE_RETURN_IF_ERROR(cudaGetDevice(&device));
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count;
-  if (g.bytes > workspace_bytes || Gemm::get_workspace_size(args) > cutlass_workspace_bound(sm_count))
-    return cudaErrorInvalidValue;
-  Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (gemm.initialize(args, g.cutlass_workspace, stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+  const typename SetupCache<K>::Key key{g.cutlass_workspace, groups, sm_count, device};
+  typename SetupCache<K>::Params params{};
+  if (!SetupCache<K>::instance().find(key, params)) {
+    typename Gemm::Arguments args{};
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {groups, g.shapes, nullptr};  // shapes live on the device only
+    args.mainloop = {g.a, g.stride_a, g.b, g.stride_b};
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.ptr_D = g.d;
+    args.epilogue.dD = g.stride_d;
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sm_count;
+    if (g.bytes > workspace_bytes || Gemm::get_workspace_size(args) > cutlass_workspace_bound(sm_count))
+      return cudaErrorInvalidValue;
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+    if (gemm.initialize(args, g.cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+      const cudaError_t err = cudaGetLastError();
+      return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
+    }
+    params = gemm.params();
+    SetupCache<K>::instance().insert(key, params);
   }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+  if (Gemm::run(params, stream) != cutlass::Status::kSuccess) {
     const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorLaunchFailure;
   }
