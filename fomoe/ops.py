@@ -188,9 +188,16 @@ def _expert_ffn_setup(ctx, inputs, output):
     _, h = output
     ctx.save_for_backward(x, permutation, offsets, inverse, w13, w2, gate, h)
     ctx.saved_h = save_for_backward
+    # h is the backward's saved state, not a differentiable result. Without these two lines
+    # autograd would hand the backward a materialised zero gradient for it: a [T*k, 2*d_ff]
+    # fill on every step (as much memory as h itself, and a fixed cost skip-token cannot cut).
+    ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)
 
 
 def _expert_ffn_backward(ctx, grad_y, _grad_h):
+    if grad_y is None:  # only h was used downstream: it carries no gradient
+        return None, None, None, None, None, None, None, None
     x, permutation, offsets, inverse, w13, w2, gate, h = ctx.saved_tensors
     if not ctx.saved_h:
         raise RuntimeError("fomoe.expert_ffn was called with save_for_backward=False; call it through "
