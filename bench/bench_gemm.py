@@ -7,10 +7,15 @@ For each MoE shape (T tokens, d_model, d_ff, E experts, top-k), in the same proc
   dense     the same FLOPs as one dense SwiGLU MLP over T*k rows: the ceiling
 Times are medians of CUDA-event timings of forward (grad mode on) and forward+backward, on
 fresh random bf16 inputs; effective TFLOP/s = 18*T*k*d*d_ff / (fwd+bwd time) (6*... for fwd).
-Also measured: activation bytes each method keeps alive between forward and backward, and
-skip-token scaling (half of the experts resident: time against the ideal kept fraction).
+Also measured: activation bytes each method keeps alive between forward and backward, the
+peak bytes of a forward+backward, and skip-token scaling (half of the experts resident: time
+against the ideal kept fraction), timed three ways: eager calls synchronised one by one (the
+issue's measure), eager calls queued back to back, and replays of a captured CUDA graph (device
+time alone, no host launch costs); plus the host time to enqueue one forward+backward and the
+device time per kernel (torch.profiler) with all and with half of the experts resident.
 
   python bench/bench_gemm.py [--json PATH] [--shapes 8192,4096,14336,8,2 ...] [--smoke]
+                             [--no-loop] [--no-gemms] [--no-portable]
 
 --smoke runs tiny shapes (on the CPU when there is no GPU) to check the script itself.
 """
@@ -170,20 +175,110 @@ def peak_bytes(step, device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device) - base)
 
 
+def back_to_back_ms(fn, device, reps=10) -> float:
+    """Milliseconds per call of reps calls queued without synchronising in between: the host
+    runs ahead of the GPU as in a training loop, so host costs hide wherever the GPU is busier."""
+    fn()
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def host_enqueue_ms(fn, device, reps=5) -> float:
+    """Host milliseconds to enqueue one fn() while the GPU is kept busy (so the host never waits)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU spin: the queue never drains during fn()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        sync(device)
+    return statistics.median(times)
+
+
+def graph_replay_ms(fn, device, reps=20) -> float | None:
+    """Median milliseconds per replay of fn() captured in a CUDA graph: device time only."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # report it and keep measuring the rest
+        print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc})", flush=True)
+        return None
+    graph.replay()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def kernel_name(name: str) -> str:
+    """A short label for a kernel: CUTLASS's GEMMs by kind, others by function name."""
+    if "cutlass" in name and "device_kernel" in name:
+        return "CUTLASS grouped GEMM (all variants)"
+    base = name.split("(")[0].split("<")[0]
+    return base.split("::")[-1] or name[:60]
+
+
+def profile_breakdown_us(fn, device, reps=5) -> tuple[dict[str, float], dict[str, float]] | None:
+    """torch.profiler over reps calls: (device microseconds per call of each kernel kind, host
+    microseconds per call spent in each CPU op itself, the ten largest), or None if unavailable.
+    The host figures include the profiler's own per-op overhead: read them as shares."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            sync(device)
+        kernels: dict[str, float] = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:  # kernels, memsets, copies
+                label = kernel_name(ev.name)
+                kernels[label] = kernels.get(label, 0.0) + ev.time_range.elapsed_us() / reps
+        host = sorted(((item.key, item.self_cpu_time_total / reps) for item in prof.key_averages()
+                       if item.self_cpu_time_total > 0), key=lambda kv: -kv[1])
+        return kernels, dict(host[:10])
+    except Exception as exc:
+        print(f"  (profiler breakdown failed: {type(exc).__name__}: {exc})", flush=True)
+        return None
+
+
 # ---- one shape ----------------------------------------------------------------------------------
 
-def bench_shape(shape, device, with_loop=True, gen_seed=0):
+def bench_shape(shape, device, with_loop=True, with_portable=True, gen_seed=0):
     T, d, f, E, k = shape
-    g = torch.Generator(device="cpu").manual_seed(gen_seed)
+    g = torch.Generator(device=device).manual_seed(gen_seed)  # drawn where used: fast at large shapes
     dt = torch.bfloat16
 
     def rnd(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(dt).to(device)
+        return (torch.randn(*s, generator=g, device=device) * scale).to(dt)
 
     x = rnd(T, d).requires_grad_(True)
     w13 = rnd(E, d, 2 * f, scale=d ** -0.5).requires_grad_(True)
     w2 = rnd(E, f, d, scale=f ** -0.5).requires_grad_(True)
-    scores = torch.randn(T, E, generator=g).to(device)
+    scores = torch.randn(T, E, generator=g, device=device)
     top, ids = scores.topk(k, dim=1)
     gate = torch.softmax(top, dim=1).requires_grad_(True)
     ids = ids.to(torch.int32)
@@ -214,7 +309,11 @@ def bench_shape(shape, device, with_loop=True, gen_seed=0):
                                        fwd_bwd_tflops=flops_fb / t_fb / 1e9,
                                        kept_activation_bytes=kept_activation_bytes(forward, device),
                                        peak_fwd_bwd_bytes=peak_bytes(fwd_bwd, device))
-        print(f"  {name:9s} fwd {t_f:9.3f} ms  fwd+bwd {t_fb:9.3f} ms  {flops_fb / t_fb / 1e9:7.1f} TFLOP/s", flush=True)
+        mem = result["methods"][name]
+        mb = "" if mem["peak_fwd_bwd_bytes"] is None else (
+            f"  kept {mem['kept_activation_bytes'] / 1e6:8.1f} MB  peak {mem['peak_fwd_bwd_bytes'] / 1e6:8.1f} MB")
+        print(f"  {name:9s} fwd {t_f:9.3f} ms  fwd+bwd {t_fb:9.3f} ms  {flops_fb / t_fb / 1e9:7.1f} TFLOP/s{mb}",
+              flush=True)
 
     # Dense ceiling: one SwiGLU MLP over T*k rows with the same FLOPs.
     xd = rnd(T * k, d).requires_grad_(True)
@@ -235,19 +334,50 @@ def bench_shape(shape, device, with_loop=True, gen_seed=0):
     w13h = w13.detach()[held].clone().requires_grad_(True)
     w2h = w2.detach()[held].clone().requires_grad_(True)
     kept = int(dispatch_tables(ids, resident_map, held.numel())[1][-1])
-    fwd, fwd_bwd = training_step(lambda: fomoe_layer(x, ids, gate, w13h, w2h, resident_map), (x, w13h, w2h, gate),
-                                 grad_y)
-    t_half = time_ms(fwd_bwd, device)
+    _, fwd_bwd_half = training_step(lambda: fomoe_layer(x, ids, gate, w13h, w2h, resident_map),
+                                    (x, w13h, w2h, gate), grad_y)
+    _, fwd_bwd_full = training_step(methods["fomoe"], (x, w13, w2, gate), grad_y)
+    t_half = time_ms(fwd_bwd_half, device)
     t_full = result["methods"]["fomoe"]["fwd_bwd_ms"]
     frac = kept / (T * k)
-    ideal = t_full * frac
-    result["skip_token"] = dict(resident=int(held.numel()), kept_fraction=frac, full_ms=t_full, half_ms=t_half,
-                                ideal_ms=ideal, saving_vs_ideal=(t_full - t_half) / (t_full - ideal))
-    print(f"  skip-token: {held.numel()}/{E} experts, kept {frac:.3f}: {t_half:.3f} ms "
-          f"(ideal {ideal:.3f}), {result['skip_token']['saving_vs_ideal']:.1%} of the ideal saving", flush=True)
+    skip = dict(resident=int(held.numel()), kept_fraction=frac, full_ms=t_full, half_ms=t_half)
+    if device.type == "cuda":
+        skip.update(full_b2b_ms=back_to_back_ms(fwd_bwd_full, device), half_b2b_ms=back_to_back_ms(fwd_bwd_half, device),
+                    full_graph_ms=graph_replay_ms(fwd_bwd_full, device),
+                    half_graph_ms=graph_replay_ms(fwd_bwd_half, device),
+                    full_host_ms=host_enqueue_ms(fwd_bwd_full, device),
+                    half_host_ms=host_enqueue_ms(fwd_bwd_half, device),
+                    full_profile_us=profile_breakdown_us(fwd_bwd_full, device),
+                    half_profile_us=profile_breakdown_us(fwd_bwd_half, device))
+    for how in ("", "b2b_", "graph_"):
+        full, half = skip.get(f"full_{how}ms"), skip.get(f"half_{how}ms")
+        if full is not None and half is not None:
+            skip[f"{how}ideal_ms"] = full * frac
+            skip[f"{how}saving_vs_ideal"] = (full - half) / (full - full * frac)
+    result["skip_token"] = skip
+    print(f"  skip-token: {held.numel()}/{E} experts, kept {frac:.3f}", flush=True)
+    for how, label in (("", "eager, synchronised per call"), ("b2b_", "eager, back to back"),
+                       ("graph_", "CUDA graph replay")):
+        if f"{how}saving_vs_ideal" in skip:
+            print(f"    {label:29s} full {skip[f'full_{how}ms']:.3f} ms, half {skip[f'half_{how}ms']:.3f} ms "
+                  f"(ideal {skip[f'{how}ideal_ms']:.3f}): {skip[f'{how}saving_vs_ideal']:.1%} of the ideal saving",
+                  flush=True)
+    if skip.get("full_host_ms") is not None:
+        print(f"    host enqueue time of one fwd+bwd: full {skip['full_host_ms']:.3f} ms, "
+              f"half {skip['half_host_ms']:.3f} ms", flush=True)
+    if skip.get("full_profile_us") and skip.get("half_profile_us"):
+        (fk, _), (hk, host) = skip["full_profile_us"], skip["half_profile_us"]
+        print(f"    device time per kernel kind, us per fwd+bwd (full -> half; the ideal half is {frac:.3f}x):")
+        for label in sorted(set(fk) | set(hk), key=lambda n: -fk.get(n, 0.0)):
+            f_us, h_us = fk.get(label, 0.0), hk.get(label, 0.0)
+            print(f"      {f_us:8.1f} -> {h_us:8.1f}  {label}")
+        print(f"      {sum(fk.values()):8.1f} -> {sum(hk.values()):8.1f}  total kernel time", flush=True)
+        print("    host time per CPU op (self, profiled, us per fwd+bwd), half resident, largest:")
+        for name, us in host.items():
+            print(f"      {us:8.1f}  {name[:90]}")
 
     # The portable kernels (what non-Hopper GPUs run), forward only, for the record.
-    if device.type == "cuda" and os.environ.get("FOMOE_GEMM_BACKEND") is None:
+    if with_portable and device.type == "cuda" and os.environ.get("FOMOE_GEMM_BACKEND") is None:
         os.environ["FOMOE_GEMM_BACKEND"] = "simt"
         try:
             with torch.no_grad():
@@ -305,8 +435,9 @@ def ratios(r):
 def print_table(results):
     print()
     print("| shape (T, d, d_ff, E, k) | fomoe TFLOP/s | pipeline | loop | dense | fwd+bwd vs pipeline (bar) "
-          "| fwd vs pipeline | kept act. MB fomoe / pipeline | skip-token saving |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| fwd vs pipeline | kept act. MB fomoe / pipeline | fwd+bwd peak MB fomoe / pipeline "
+          "| skip-token saving eager / graph replay |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["shape"]
         key = (s["T"], s["d"], s["d_ff"], s["E"], s["k"])
@@ -315,10 +446,13 @@ def print_table(results):
         mark = "" if bar is None else (f" (>= {bar}: {'met' if q['fwd_bwd'] >= bar else 'MISSED'})")
         mb = lambda b: "-" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
         loop = f"{m['loop']['fwd_bwd_tflops']:.1f}" if "loop" in m else "-"
+        g = r["skip_token"].get("graph_saving_vs_ideal")
+        graph_saving = "-" if g is None else f"{g:.1%}"
         print(f"| {key} | {m['fomoe']['fwd_bwd_tflops']:.1f} | {m['pipeline']['fwd_bwd_tflops']:.1f} | {loop} | "
               f"{m['dense']['fwd_bwd_tflops']:.1f} | {q['fwd_bwd']:.2f}x{mark} | {q['fwd']:.2f}x | "
               f"{mb(m['fomoe']['kept_activation_bytes'])} / {mb(m['pipeline']['kept_activation_bytes'])} | "
-              f"{r['skip_token']['saving_vs_ideal']:.1%} |")
+              f"{mb(m['fomoe']['peak_fwd_bwd_bytes'])} / {mb(m['pipeline']['peak_fwd_bwd_bytes'])} | "
+              f"{r['skip_token']['saving_vs_ideal']:.1%} / {graph_saving} |")
 
 
 def main(argv=None):
@@ -327,6 +461,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", help="shapes as T,d,d_ff,E,k (default: the three reference shapes)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU if no GPU: checks the script")
     parser.add_argument("--no-loop", action="store_true", help="skip the per-expert loop")
+    parser.add_argument("--no-gemms", action="store_true", help="skip the GEMMs-alone comparison")
+    parser.add_argument("--no-portable", action="store_true", help="skip timing the portable kernels")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -343,8 +479,8 @@ def main(argv=None):
     for shape in shapes:
         print(f"shape T={shape[0]} d={shape[1]} d_ff={shape[2]} E={shape[3]} k={shape[4]}", flush=True)
         try:
-            results.append(bench_shape(shape, device, with_loop=not args.no_loop))
-            if device.type == "cuda":
+            results.append(bench_shape(shape, device, with_loop=not args.no_loop, with_portable=not args.no_portable))
+            if device.type == "cuda" and not args.no_gemms:
                 results[-1]["gemms"] = bench_gemms(shape, device)
         except Exception as exc:  # keep measuring the other shapes; report the failure
             print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
