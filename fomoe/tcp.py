@@ -223,7 +223,7 @@ class TcpTransport(comm.Transport):
         self.overhead_sent = self.overhead_recv = 0    # headers, heartbeats, control messages
         self.refused: list[str] = []                   # connections refused by the handshake
         self.events: list[dict] = []                   # membership changes, in order
-        self._reasons: dict[str, str] = {}             # rank -> why a peer saw it lost
+        self._reasons: dict[str, tuple] = {}           # rank -> (why, when) a peer saw it lost
         # Membership: the initial members (rank -> incarnation), then monotone sets of lost and
         # joined (rank, incarnation) pairs; the live view follows from them.
         self._members: dict[int, int] = {}
@@ -508,7 +508,7 @@ class TcpTransport(comm.Transport):
     def _broadcast_view(self) -> None:
         with self._cond:
             # What this worker saw of each loss travels along, so every survivor can report it.
-            why = {str(r): p.failure for r, p in self._peers.items()
+            why = {str(r): [p.failure, p.failed_at] for r, p in self._peers.items()
                    if p.failure and p.failure != "closed" and (r, p.incarnation) in self._lost}
             msg = {"type": "view", "lost": sorted(self._lost), "joined": sorted(self._joined), "why": why}
             targets = [self._peers[r] for r, inc in self._live_pairs()
@@ -578,8 +578,8 @@ class TcpTransport(comm.Transport):
         return self.live_ranks()
 
     def _merge_reasons(self, msg: dict) -> None:
-        for r, why in (msg.get("why") or {}).items():
-            self._reasons.setdefault(str(r), f"{why} (seen by a peer)")
+        for r, (why, at) in (msg.get("why") or {}).items():
+            self._reasons.setdefault(str(r), (f"{why} (seen by a peer)", at))
 
     def _drain_control_out_of_order(self, latest) -> None:
         # View messages queued behind other control messages (gathers) still count.
@@ -618,9 +618,14 @@ class TcpTransport(comm.Transport):
             details = {}
             for r in lost:
                 p = self._peers.get(r)
-                seen = p.failure if p is not None and p.failure and p.failure != "closed" else None
-                details[r] = {"reason": seen or self._reasons.get(str(r), "reported lost by a peer"),
-                              "detected_at": p.failed_at if p is not None else None}
+                # What this worker saw itself, else what a peer saw (reason and wall-clock time).
+                if p is not None and p.failure and p.failure != "closed":
+                    reason, at = p.failure, p.failed_at
+                else:
+                    reason, at = self._reasons.get(str(r), ("reported lost by a peer", None))
+                details[r] = {"reason": reason, "detected_at": at}
+            for r in joined:   # a restarted worker's next loss is a new story
+                self._reasons.pop(str(r), None)
             gone = [p for r, p in self._peers.items() if live.get(r) != p.incarnation]
             event = {"event": "membership", "time": time.time(), "live": sorted(live), "lost": sorted(lost),
                      "joined": sorted(joined), "details": details, "agreement_s": agreement_s}

@@ -448,19 +448,19 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
     tokens_per_step = world * cfg.batch_size * cfg.seq_len
     tokens_seen = start_step * tokens_per_step
 
-    def lead() -> bool:
+    def lead(live=None) -> bool:
         # Rank 0 writes the run directory; after its loss, the lowest live rank takes over.
         nonlocal log
         if not tolerant:
             return rank == 0
-        if rank != min(manager.live):
+        if rank != min(live if live is not None else manager.live):
             return False
         if log is None:
             log = MetricsLog(run_dir / "metrics.jsonl", None, append=True)
         return True
 
     def on_membership(event: dict) -> None:
-        if not lead():
+        if not lead(event["live"]):
             return
         lost_data = {r: shards.get(r, {}) for r in event["lost"]}
         reasons = {int(r): d.get("reason") for r, d in event.get("details", {}).items()}
@@ -608,6 +608,14 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
             bar.close()
         transport.close()
         return {"rank": rank, "stopped": str(exc), "checkpoint_step": saved, "lost": exc.lost}
+    except (comm.QuorumLost, comm.Excluded) as exc:
+        # Too few workers left to be sure this side is the run (or the others excluded this
+        # worker): stop without writing; every worker resumes from the latest checkpoint.
+        if bar is not None:
+            bar.close()
+        lost = sorted(set(range(world)) - set(transport.live_ranks()))
+        transport.close()
+        return {"rank": rank, "stopped": str(exc), "checkpoint_step": checkpoint.latest_step(run_dir), "lost": lost}
     if bar is not None:
         bar.close()
     if cfg.stop_at is not None and start_step < cfg.stop_at:
@@ -790,18 +798,20 @@ def train(cfg: TrainConfig, resume: bool = False, token: str | None = None, on_s
     failed = {r.rank: r.error for r in results if isinstance(r, Failed)}
     done = [r for r in results if not isinstance(r, Failed)]
     stopped = [r for r in done if "stopped" in r]
-    if stopped:
+    summary = next((r for r in done if "final_eval_loss" in r or "stopped_at" in r), None)
+    if stopped and summary is None:
         first = stopped[0]
-        where = (f"the survivors saved a checkpoint of step {first['checkpoint_step']}"
-                 if first["checkpoint_step"] is not None else "the survivors could not save a checkpoint")
+        where = (f"the latest checkpoint is step {first['checkpoint_step']}"
+                 if first["checkpoint_step"] is not None else "no checkpoint could be saved")
         raise RunStopped(f"{first['stopped']}. Stopped: {where}. Restart every worker with: fomoe train --out {cfg.out} "
                          f"--resume (it resumes from the newest checkpoint that holds every worker's shard)",
                          first["checkpoint_step"], first["lost"])
-    summary = next((r for r in done if "final_eval_loss" in r or "stopped_at" in r), None)
     if summary is None:
         raise WorkerError(failed or {0: "no worker returned a summary"}, cfg.workers)
     if failed:
         summary["failed_workers"] = {r: err.strip().splitlines()[-1] if err.strip() else "" for r, err in failed.items()}
+    if stopped:   # e.g. a frozen worker that woke up to find itself excluded
+        summary["excluded_workers"] = {r["rank"]: r["stopped"] for r in stopped}
     return summary
 
 

@@ -212,7 +212,8 @@ def average_mismatches(results: list, dropped: dict | None = None) -> tuple[int,
             if any(a["round"] not in recorded_rounds.get(r, ()) for r in a["ranks"] if r not in skip):
                 continue
             parts = [contributions[(r, *key)] for r in a["ranks"] if r not in skip]
-            want = torch.stack(parts).sum(0) / len(parts)
+            # Every contribution dropped (a bucket of the bad worker alone): no update at all.
+            want = torch.stack(parts).sum(0) / len(parts) if parts else torch.zeros_like(a["avg"])
             if not torch.allclose(a["avg"], want, rtol=1e-5, atol=1e-7):
                 bad.append(f"rank {res['rank']} round {a['round']} ranks {a['ranks']}: max error "
                            f"{float((a['avg'] - want).abs().max()):.3g}")
