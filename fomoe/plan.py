@@ -741,24 +741,41 @@ def sync_seconds(buckets: Sequence[Bucket | BucketCost], num_workers: int, link:
                  bandwidth_gbps: float | None = None, commit_barrier: bool = False) -> float:
     """Wall-clock of one sync that every worker starts at the same moment.
 
-    Every worker runs its buckets in schedule order; a bucket starts when all its members have
-    finished their earlier buckets and lasts as long as its slowest member's ring (so a worker
-    may wait for a group it is not in to release a partner: the critical path, not one
-    worker's sum). ``commit_barrier``: the fault-tolerant TCP transport ends each round with a
-    commit barrier on its control plane, one more one-way message after the last bucket.
+    Every worker runs its buckets in schedule order, so a worker may wait for a group it is not
+    in to release a partner: the time is the critical path through the schedule, not one
+    worker's sum. A bucket whose members start together lasts as long as its slowest member's
+    ring. When they start at different times, its ring is followed step by step: a member sends
+    as soon as it is ready (sends are buffered), a message reaches the next member one
+    serialisation (and loss stalls) plus one latency later, and a step ends when its message
+    from the previous member has arrived. ``commit_barrier``: the fault-tolerant TCP transport
+    ends each round with a commit barrier on its control plane, one more one-way message.
     """
     free = [0.0] * num_workers
+    latency = link.latency_ms / 1e3
     for b in buckets:
         cost = b if isinstance(b, BucketCost) else BucketCost.of(b)
         if not any(cost.messages):
             continue
-        start = max(free[r] for r in cost.ranks)
-        end = start + cost.seconds(link, bandwidth_gbps)
-        for r in cost.ranks:
-            free[r] = end
+        ready = [free[r] for r in cost.ranks]
+        steps = cost.messages[0]
+        if max(ready) == min(ready) or any(m != steps for m in cost.messages):
+            end = max(ready) + cost.seconds(link, bandwidth_gbps)
+            ready = [end] * len(ready)
+        else:
+            n = len(ready)
+            busy = [link.transfer_seconds(nbytes / steps, 0, bandwidth_gbps) for nbytes in cost.link_bytes]
+            link_free = [0.0] * n
+            for _ in range(steps):
+                arrive = [0.0] * n
+                for i in range(n):
+                    link_free[i] = max(ready[i], link_free[i]) + busy[i]
+                    arrive[(i + 1) % n] = link_free[i] + latency
+                ready = [max(t, a) for t, a in zip(ready, arrive)]
+        for r, t in zip(cost.ranks, ready):
+            free[r] = t
     total = max(free, default=0.0)
     if commit_barrier and num_workers > 1:
-        total += link.latency_ms / 1e3
+        total += latency
     return total
 
 

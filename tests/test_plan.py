@@ -497,12 +497,17 @@ def test_sync_seconds_is_the_critical_path_of_the_schedule():
     link = plan.Link(bandwidth_gbps=8e-6, latency_ms=100)   # 1000 bytes/s
     # dense ring of 3: 4 steps of 100 fp32 (400 B) -> 1.6 s + 0.4 s; a pair: 2 steps of 200 B -> 0.4 + 0.2 s
     dense, pair = 2.0, 0.6
-    # (0,1) after the dense; (0,2) waits for rank 0; (1,2) waits for rank 2, which waited for rank 0
-    assert plan.sync_seconds(buckets, 3, link) == pytest.approx(dense + 3 * pair)
+    # (0,1) right after the dense bucket: 2.6 s. (0,2): rank 2 is ready at 2.0, rank 0 at 2.6.
+    # Rank 2's first message (sent at 2.0) is there before rank 0 starts; rank 0 sends at 2.6 and
+    # 2.8 (its link is busy 0.2 s per message), they arrive at 2.9 and 3.1; rank 2 sends its second
+    # at 2.9, it arrives at 3.2: rank 0 is done at 3.2, rank 2 at 3.1.
+    # (1,2): rank 1 ready at 2.6 sends at 2.6 (arrives 2.9); rank 2 sends at 3.1 (arrives 3.4);
+    # second messages: rank 1 at 3.4 (arrives 3.7), rank 2 at 3.3 (arrives 3.6): done at 3.7.
+    assert plan.sync_seconds(buckets, 3, link) == pytest.approx(3.7)
     # a worker's own sum (what the model used to take) misses the waiting
     assert max(t.seconds(link) for t in plan.rank_traffic(buckets, 3)) == pytest.approx(dense + 2 * pair)
     # the TCP transport's commit barrier: one more one-way message
-    assert plan.sync_seconds(buckets, 3, link, commit_barrier=True) == pytest.approx(dense + 3 * pair + 0.1)
+    assert plan.sync_seconds(buckets, 3, link, commit_barrier=True) == pytest.approx(3.7 + 0.1)
     # disjoint groups run side by side
     from fomoe.sync import Bucket
     side = [Bucket((0, 1), 100, 0, ((0, 0),)), Bucket((2, 3), 100, 0, ((0, 1),))]
@@ -519,8 +524,10 @@ def test_lossy_link_pays_one_round_trip_per_lost_segment():
     assert link.transfer_seconds(1600, 4) == pytest.approx(1.6 + 0.4 + 1.6 * 0.2)
     lossless = plan.Link(bandwidth_gbps=8e-6, latency_ms=100)
     buckets = _chain_schedule()
-    extra = plan.sync_seconds(buckets, 3, link) - plan.sync_seconds(buckets, 3, lossless)
-    assert extra == pytest.approx((1600 + 3 * 400) / 100 * 0.1 * 0.2)
+    # buckets whose members start together: each member's ring pays its own segments' stalls
+    both = [buckets[0], buckets[1]]
+    extra = plan.sync_seconds(both, 3, link) - plan.sync_seconds(both, 3, lossless)
+    assert extra == pytest.approx((1600 + 400) / 100 * 0.1 * 0.2)
     for bad in (dict(loss=1.0), dict(loss=-0.01), dict(segment_bytes=0)):
         with pytest.raises(plan.PlanError):
             plan.Link(**bad)
