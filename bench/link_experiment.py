@@ -9,7 +9,7 @@ transport's default timeouts. Per case: the sync wall time (last worker in -> la
 median of the syncs after the first) against ``fomoe.plan``'s ``comm_seconds(commit_barrier=True)``
 (the critical path through the bucket schedule, with the loss term), and against the simpler
 model a user might use instead (the slowest worker's own bytes / bandwidth + messages x latency,
-no loss). An unshaped run per model measures what a sync costs besides the link (packing,
+no loss: "per-worker sum"). An unshaped run per model measures what a sync costs besides the link (packing,
 sums, the outer step, Python) on this machine.
 
     python bench/link_experiment.py [--json results.json] [--quick]
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"[{time.monotonic() - start:6.1f} s] {i + 1}/{len(cases)} {link['delay_ms']:g} ms, "
               f"{link['rate_mbit']:g} Mbit/s, loss {link['loss']:.0%}: sync {row['measured_median_s']:.2f} s, "
-              f"model {row['predicted_s']:.2f} s (ratio {row['ratio']:.2f}; simple model {row['naive_ratio']:.2f}), "
+              f"model {row['predicted_s']:.2f} s (ratio {row['ratio']:.2f}; per-worker sum {row['naive_ratio']:.2f}), "
               f"{row['segments_lost']} segments lost, training {'completed' if completed else 'FAILED'}", flush=True)
 
     print()
@@ -110,7 +110,7 @@ def _params(case: dict) -> int:
 
 def table(rows: list[dict]) -> str:
     head = ["delay", "rate", "loss", "model (params)", "sent/sync", "lost seg.", "measured", "fomoe.plan", "ratio",
-            "simple model", "ratio", "unshaped"]
+            "per-worker sum", "ratio", "unshaped"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([

@@ -785,9 +785,10 @@ def tcp_options(buckets: Sequence[Bucket | BucketCost], num_workers: int, link: 
     hand-tuning (keyword arguments for ``TcpOptions(**...)``).
 
     ``peer_timeout_s``: silence after which a peer counts as lost: ``margin`` x the longest
-    silence a healthy peer can show (one message's latency and loss stalls on top of the longest
-    single ring step of the schedule), at least ``floor_s`` (heartbeats are sent every fifth of
-    it, and a busy host can delay a heartbeat by seconds). ``min_bandwidth_mbps``: the link's
+    silence a healthy peer shows (a loss stall of one round trip, then a heartbeat's one-way
+    trip; a long message is not silence, its bytes keep arriving), at least ``floor_s``
+    (heartbeats go out every fifth of it, and a busy host can delay one by seconds); it is also
+    the fixed part of every transfer's deadline. ``min_bandwidth_mbps``: the link's
     bandwidth divided by ``margin`` (with loss, the rate loss stalls leave), so a transfer's
     deadline allows ``margin`` x its modelled time. ``stall_timeout_s``: a live peer may send
     nothing for one compute phase between syncs (``compute_seconds``, e.g. H inner steps) plus
@@ -795,19 +796,14 @@ def tcp_options(buckets: Sequence[Bucket | BucketCost], num_workers: int, link: 
     """
     if not margin >= 1:
         raise PlanError(f"margin must be >= 1, got {margin}")
-    costs = [b if isinstance(b, BucketCost) else BucketCost.of(b) for b in buckets]
-    longest_step = 0.0
-    for c in costs:
-        for nbytes, msgs in zip(c.link_bytes, c.messages):
-            if msgs:
-                longest_step = max(longest_step, link.transfer_seconds(nbytes / msgs, 1))
-    sync = sync_seconds(costs, num_workers, link, commit_barrier=True)
+    sync = sync_seconds(buckets, num_workers, link, commit_barrier=True)
+    silence = 3 * link.latency_ms / 1e3
     rate = link.bandwidth_gbps * 1e3
     if link.loss:
         # bytes per second once loss stalls are paid: one segment every segment/rate + loss x RTT
         seg_s = link.segment_bytes * 8 / (rate * 1e6) + link.loss * 2 * link.latency_ms / 1e3
         rate = link.segment_bytes * 8 / seg_s / 1e6
-    return {"peer_timeout_s": max(floor_s, margin * longest_step),
+    return {"peer_timeout_s": max(floor_s, margin * silence),
             "min_bandwidth_mbps": rate / margin,
             "stall_timeout_s": max(600.0, margin * (compute_seconds + sync))}
 
