@@ -134,7 +134,8 @@ class MoE(nn.Module):
         self._register_residency(self.w13.device)
         self.partial = self.num_local < E
         self.aux_loss: Tensor | None = None
-        self.stats: RouterStats | None = None
+        self._stats: RouterStats | None = None
+        self._stats_inputs: tuple | None = None
         # Set True to keep the last forward's raw router logits [T, E] (fp32, differentiable) in
         # ``router_logits``, e.g. for a host model's own auxiliary losses; off by default (memory).
         self.keep_router_logits = False
@@ -241,15 +242,40 @@ class MoE(nn.Module):
 
     def _record_stats(self, raw_logits: Tensor, logits: Tensor, ids: Tensor, offsets: Tensor) -> None:
         cfg = self.config
+        if self.training:
+            with torch.no_grad():
+                self.tokens_routed.add_((offsets[1:] - offsets[:-1]).long())
+        # The statistics are computed when first read (``stats``): a model that never reads
+        # them, or reads them every few steps, does not pay ~20 small kernels per layer and step.
+        self._stats = None
+        self._stats_inputs = (raw_logits.detach(), logits.detach(), ids, offsets)
+        if torch.is_grad_enabled() and (cfg.aux_loss_coef != 0 or cfg.z_loss_coef != 0):
+            self._stats = self._compute_stats(raw_logits, logits, ids, offsets)
+            self.aux_loss = cfg.aux_loss_coef * self._stats.aux_loss + cfg.z_loss_coef * self._stats.z_loss
+        else:
+            self.aux_loss = raw_logits.new_zeros(())   # nothing to train: no graph, no backward kernels
+
+    @property
+    def stats(self) -> RouterStats | None:
+        """Router statistics of the last forward (None before the first)."""
+        if self._stats is None and self._stats_inputs is not None:
+            with torch.no_grad():
+                self._stats = self._compute_stats(*self._stats_inputs)
+        return self._stats
+
+    def _compute_stats(self, raw_logits: Tensor, logits: Tensor, ids: Tensor, offsets: Tensor) -> RouterStats:
         n_assign = ids.numel()
         counts = torch.zeros(self.num_experts, dtype=torch.float32, device=ids.device)
         counts.scatter_add_(0, ids.reshape(-1).long(), torch.ones(n_assign, dtype=torch.float32, device=ids.device))
         load = counts / max(n_assign, 1)
-        local = (offsets[1:] - offsets[:-1]).long()
-        if self.training:
-            with torch.no_grad():
-                self.tokens_routed.add_(local)
         skipped = 1.0 - offsets[-1].float() / max(n_assign, 1)
+        aux, z = self._router_losses(raw_logits, logits, load)
+        return RouterStats(expert_load=load, local_tokens=(offsets[1:] - offsets[:-1]).long(),
+                           skipped_fraction=skipped, aux_loss=aux, z_loss=z)
+
+    def _router_losses(self, raw_logits: Tensor, logits: Tensor, load: Tensor) -> tuple[Tensor, Tensor]:
+        """Switch-style load-balancing loss and the router z-loss."""
+        cfg = self.config
         if cfg.score == "softmax":
             probs = torch.softmax(logits, dim=-1)
         else:
@@ -258,9 +284,7 @@ class MoE(nn.Module):
         mean_prob = probs.mean(0) if probs.shape[0] > 0 else probs.sum(0)
         aux = self.num_experts * (load.detach() * mean_prob).sum()
         z = torch.logsumexp(raw_logits, dim=-1).square().mean() if raw_logits.shape[0] > 0 else raw_logits.sum()
-        self.aux_loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-        self.stats = RouterStats(expert_load=load.detach(), local_tokens=local.detach(),
-                                 skipped_fraction=skipped.detach(), aux_loss=aux, z_loss=z)
+        return aux, z
 
     def extra_repr(self) -> str:
         cfg = self.config

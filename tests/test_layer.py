@@ -115,6 +115,20 @@ def test_aux_losses_train_the_router(gen):
     assert float(uniform.stats.aux_loss.detach()) == pytest.approx(1.0)
 
 
+def test_router_losses_without_coefficients_are_statistics_only(gen):
+    x = torch.randn(30, 12, generator=gen)
+    plain = make_layer(dtype=torch.float32)
+    weighted = make_layer(dtype=torch.float32, aux_loss_coef=0.1, z_loss_coef=0.01)
+    plain(x), weighted(x)
+    assert not plain.aux_loss.requires_grad and float(plain.aux_loss) == 0.0
+    assert not plain.stats.aux_loss.requires_grad and not plain.stats.z_loss.requires_grad
+    # The same values as when they train the router (same init seed, same input).
+    torch.testing.assert_close(plain.stats.aux_loss, weighted.stats.aux_loss.detach())
+    torch.testing.assert_close(plain.stats.z_loss, weighted.stats.z_loss.detach())
+    logits = x @ plain.router.weight.t()
+    torch.testing.assert_close(plain.stats.z_loss, torch.logsumexp(logits, -1).square().mean())
+
+
 def test_empty_batch(gen):
     layer = make_layer(dtype=torch.float32, resident_experts=[2, 3])
     x = torch.randn(0, 5, 12, requires_grad=True)

@@ -1,0 +1,130 @@
+"""Where one MoE layer's training step spends its time: host (Python, dispatcher, launches) or GPU.
+
+For ``fomoe.MoE`` and the same layer written from PyTorch ops (bench_training's ``torch``
+model), at each residency: the host time to enqueue forward + backward while the GPU is kept
+busy (so enqueueing never waits on the GPU), the GPU time of the same work, the kernels
+launched, and the operators with the most host time. When the host time exceeds the GPU time,
+a step of that layer is bound by the host, and faster kernels do not show in tokens/s.
+
+    python bench/profile_layer.py [--config 16e-top2] [--json PATH] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_training as bt  # noqa: E402  (same configurations and the same torch-ops layer)
+
+from fomoe.layer import MoE, MoEConfig  # noqa: E402
+
+
+def layer_for(config: dict, impl: str, fraction: float, device: torch.device) -> torch.nn.Module:
+    n = config["num_experts"]
+    cfg = MoEConfig(d_model=config["d_model"], d_ff=config["d_ff"], num_experts=n, top_k=config["top_k"],
+                    resident_experts=list(range(max(1, int(n * fraction)))))
+    layer = MoE(cfg) if impl == "fomoe" else bt.TorchOpsMoE(cfg)
+    return layer.to(device)
+
+
+def profile(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, reps: int, syncs: bool) -> dict:
+    """``syncs``: the layer waits for the GPU itself (torch-ops: the kept count), so its host
+    time cannot be separated and equals the wall time."""
+    cuda = device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            y = layer(x)
+        y.float().square().mean().backward()
+
+    for _ in range(3):
+        step()
+    # Host time: the GPU sleeps first, so every launch returns without waiting on it (few steps:
+    # past ~1000 pending launches the queue itself blocks).
+    host_reps = 3
+    if cuda and not syncs:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(5e8))
+    start = time.perf_counter()
+    for _ in range(host_reps):
+        step()
+    host_ms = (time.perf_counter() - start) * 1e3 / host_reps
+    if cuda and not syncs:
+        pending = not torch.cuda.current_stream().query()   # still asleep: nothing waited on it
+        host_ms = host_ms if pending else None
+    if cuda and syncs:
+        host_ms = None
+    if cuda:
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(reps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        wall_ms = begin.elapsed_time(end) / reps
+    else:
+        wall_ms = host_ms
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sum(e.count for e in on_gpu)
+    gpu_ms = sum(e.self_device_time_total for e in on_gpu) / 1e3 if cuda else None
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    top_gpu = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)
+    return {"host_ms": host_ms, "wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "kernels": kernels,
+            "top_host_ops": [(e.key, e.count, round(e.self_cpu_time_total / 1e3, 3)) for e in top],
+            "gpu_kernels": [(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 4)) for e in top_gpu]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="16e-top2", help=f"one of {', '.join(bt.CONFIGS)}")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU when there is no GPU)")
+    ap.add_argument("--kernels", action="store_true", help="list every kernel with its GPU time")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = bt.CONFIGS["smoke" if args.smoke else args.config]
+    tokens = 256 if args.smoke else args.tokens
+    reps = 2 if args.smoke else args.reps
+    rows = []
+    print(f"{device}, {args.config if not args.smoke else 'smoke'}, {tokens} tokens; per forward + backward of one layer")
+    print(f"{'impl':6s} {'resident':>8s} {'host ms':>8s} {'wall ms':>8s} {'kernel ms':>9s} {'kernels':>7s}  top host ops")
+    for fraction in bt.FRACTIONS:
+        for impl in ("fomoe", "torch"):
+            torch.manual_seed(0)
+            layer = layer_for(config, impl, fraction, device)
+            x = torch.randn(tokens, config["d_model"], device=device, requires_grad=True)
+            r = profile(layer, x, device, reps, syncs=impl == "torch")
+            r.update(impl=impl, resident=fraction)
+            rows.append(r)
+            kernel = f"{r['gpu_kernel_ms']:9.3f}" if r["gpu_kernel_ms"] is not None else f"{'-':>9s}"
+            ops = ", ".join(f"{k} x{c} {ms}ms" for k, c, ms in r["top_host_ops"][:5])
+            host = f"{r['host_ms']:8.3f}" if r["host_ms"] is not None else f"{'(waits)':>8s}"
+            print(f"{impl:6s} {fraction:8.2f} {host} {r['wall_ms']:8.3f} {kernel} {r['kernels']:7d}  {ops}",
+                  flush=True)
+            if args.kernels and impl == "fomoe" and fraction == min(bt.FRACTIONS):
+                for name, count, ms in r["gpu_kernels"]:
+                    print(f"    {ms:8.4f} ms x{count:<3d} {name}")
+            del layer, x
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "config": args.config, "tokens": tokens,
+                                               "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
