@@ -98,10 +98,11 @@ def r2_trial(i: int, rng: random.Random, work: Path) -> dict:
     # Parameters lost, against the workers' own hash records.
     hashes = {r: rw.read_hashes(run_dir / f"hashes-{r}.jsonl") for r in range(world)}
     survivor_ranks = [r["rank"] for r in survivors]
-    lost_elements, missing = 0, []
+    lost_elements, missing, checked_elements = 0, [], 0
     if landed and hashes[victim]:
         last = max(hashes[victim])
         for name, digest in hashes[victim][last]["experts"].items():
+            checked_elements += hashes[victim][last]["numel"][name]
             held = [hashes[s][last]["experts"].get(name) for s in survivor_ranks if last in hashes[s]]
             if digest not in held:
                 lost_elements += hashes[victim][last]["numel"][name]
@@ -121,6 +122,7 @@ def r2_trial(i: int, rng: random.Random, work: Path) -> dict:
                 orphan_elements += 1
                 missing.append(f"layer {l} expert {e} has no surviving holder")
     out["params_lost"] = lost_elements + disagree + orphan_elements
+    out["victim_elements_checked"] = checked_elements
     out["lost_detail"] = missing[:5]
 
     # Detection: kill -> first survivor marking the victim lost.
@@ -227,6 +229,7 @@ def summarize(trials: list[dict], args) -> dict:
         "bad_updates_dropped": sum(1 for t in r2 if t.get("bad_dropped")),
         "r2_trials": len(r2), "r2_finished": sum(1 for t in r2 if t["finished"]),
         "r2_params_lost": sum(t["params_lost"] for t in r2),
+        "r2_victim_elements_checked": sum(t.get("victim_elements_checked", 0) for t in r2),
         "r2_averages_checked": sum(t["averages_checked"] for t in r2),
         "r2_average_mismatches": sum(t["average_mismatches"] for t in r2),
         "r1_trials": len(r1), "r1_stopped_cleanly": sum(1 for t in r1 if t.get("stopped_cleanly")),
@@ -247,7 +250,8 @@ def table(s: dict) -> str:
         ("trials", s["trials"]),
         ("faults injected (worker losses + bad updates)", f"{s['faults_injected']} ({s['worker_losses']} + {s['bad_updates']})"),
         ("r=2 runs finished without the lost worker", f"{s['r2_finished']} / {s['r2_trials']}"),
-        ("r=2 parameters lost (elements, vs. the workers' hash records)", s["r2_params_lost"]),
+        ("r=2 parameters lost (elements, vs. the workers' hash records)",
+         f"{s['r2_params_lost']} (of {s['r2_victim_elements_checked']:,} expert elements the lost workers held)"),
         ("r=2 averaged updates checked against the live contributions / mismatches",
          f"{s['r2_averages_checked']} / {s['r2_average_mismatches']}"),
         ("bad updates dropped for their round on every member", f"{s['bad_updates_dropped']} / {s['bad_updates']}"),
@@ -288,7 +292,14 @@ def main() -> int:
                     f"checkpoint={t.get('checkpoint_step')} resume_exact={t.get('resume_exact')} "
                     f"detect={t.get('detect_s')} s ({t['wall_s']} s)" + (f" ERROR {t['error']}" if t.get("error") else ""))
             else:
-                t = r2_trial(i, rng, work)
+                try:
+                    t = r2_trial(i, rng, work)
+                except Exception as exc:  # noqa: BLE001 (report it with the others; the exit code says so)
+                    import traceback
+                    traceback.print_exc()
+                    t = {"trial": i, "kind": "r2", "fault": "SIGKILL", "victim": None, "at_s": None, "wall_s": None,
+                         "fault_landed": False, "finished": False, "params_lost": 0, "averages_checked": 0,
+                         "average_mismatches": 0, "detect_s": None, "error": f"{type(exc).__name__}: {exc}"}
                 log(f"[{i + 1}/{args.trials}] r=2 {t['fault']} rank {t['victim']} at {t['at_s']} s"
                     + (f" + {t['bad_update']} update" if t.get("bad_update") else "")
                     + f": landed={t['fault_landed']} finished={t['finished']} params_lost={t['params_lost']} "
@@ -305,7 +316,7 @@ def main() -> int:
     print(f"\n{len(trials)} trials in {result['seconds']} s; details in {args.out}")
     ok = (summary["r2_finished"] == summary["r2_trials"] and summary["r2_params_lost"] == 0
           and summary["r2_average_mismatches"] == 0 and summary["r1_resumed_exactly"] == summary["r1_trials"]
-          and summary["bad_updates_dropped"] == summary["bad_updates"])
+          and summary["bad_updates_dropped"] == summary["bad_updates"] and not summary["errors"])
     return 0 if ok else 1
 
 

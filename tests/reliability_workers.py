@@ -62,7 +62,13 @@ def _fault_hook(spec: dict, rank: int, mgr_ref: list, recorded: list):
 
 
 def averaged_updates(mgr) -> list[dict]:
-    """θ_global's gradient of every bucket of this worker after a sync: the averaged update."""
+    """θ_global's gradient of every bucket of this worker after a sync: the averaged update.
+    Empty when the round was summed over other members than the schedule now holds (a worker
+    that learnt of a loss only after its peers completed the round applies their result, then
+    rebuilds its schedule): the buckets would be mislabelled."""
+    summed = sorted(tuple(c["ranks"]) for c in mgr.history[-1]["collectives"])
+    if summed != sorted(tuple(mgr.buckets[i].ranks) for i in mgr.my_buckets):
+        return []
     out = []
     for i in mgr.my_buckets:
         b = mgr.buckets[i]
@@ -227,7 +233,9 @@ def dropped_contributions(results: list) -> dict:
     for res in results:
         for e in res["events"]:
             if e["event"] == "dropped":
-                b = next(a for a in res["averages"] if a["round"] == e["round"] and a["ranks"] == e["ranks"])
+                b = next((a for a in res["averages"] if a["round"] == e["round"] and a["ranks"] == e["ranks"]), None)
+                if b is None:   # an attempt a loss interrupted, or a round not recorded
+                    continue
                 dropped[(e["round"], tuple(e["ranks"]), tuple(map(tuple, b["experts"])))] = {int(r) for r in e["dropped"]}
     return dropped
 
