@@ -52,16 +52,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write every case's figures there")
     ap.add_argument("--quick", action="store_true", help="two cases only (a smoke run)")
     ap.add_argument("--steps", type=int, default=6, help="inner steps per case (H=2: steps/2 syncs; default 6)")
+    ap.add_argument("--loss-pattern", choices=("periodic", "random"), default="periodic",
+                    help="the relays' loss: every 1/loss-th segment (default) or independent draws")
+    ap.add_argument("--lossy-only", action="store_true", help="only the cases with loss")
     args = ap.parse_args(argv)
 
     cases = [dict(delay_ms=d, rate_mbit=bw, loss=loss) for loss in LOSSES for d in DELAYS_MS for bw in RATES_MBIT]
     if args.quick:
         cases = [cases[2], cases[6]]
-    base = dict(workers=3, placement="replicated:2", steps=args.steps, sync_every=2)
+    if args.lossy_only:
+        cases = [c for c in cases if c["loss"]]
+    base = dict(workers=3, placement="replicated:2", steps=args.steps, sync_every=2, loss_pattern=args.loss_pattern)
     rows, start = [], time.monotonic()
     # unshaped baselines: the sync's cost besides the link
     floors = {}
     for kind, model in MODELS.items():
+        if args.lossy_only and kind == "lossless":
+            continue
         out = run_over_relays(dict(base, model=model, delay_ms=0.0, rate_mbit=None, loss=0.0), timeout_s=600)
         floors[kind] = out["measured_median"]
         print(f"[{time.monotonic() - start:6.1f} s] unshaped baseline, {kind} model: sync {floors[kind]:.3f} s",

@@ -74,7 +74,7 @@ def sync_wall_seconds(results: list[dict]) -> list[float]:
 
 def run_over_relays(case: dict, timeout_s: float = 300.0) -> dict:
     """``case``: workers, placement, model (lm_config kwargs), steps, sync_every, delay_ms,
-    rate_mbit, loss, optional options (TcpOptions kwargs). Returns measured and predicted
+    rate_mbit, loss, optional loss_pattern (periodic, random) and options (TcpOptions kwargs). Returns measured and predicted
     sync seconds, the workers' results and the relays' loss counts."""
     from fomoe import plan
     from fomoe.launch import free_port, spawn
@@ -82,8 +82,9 @@ def run_over_relays(case: dict, timeout_s: float = 300.0) -> dict:
 
     W = case["workers"]
     ports = [free_port() for _ in range(W)]
-    relays = [Relay(("127.0.0.1", p), delay_ms=case["delay_ms"], rate_mbit=case["rate_mbit"], loss=case["loss"])
-              for p in ports]
+    relays = [Relay(("127.0.0.1", p), delay_ms=case["delay_ms"], rate_mbit=case["rate_mbit"], loss=case["loss"],
+                    loss_pattern=case.get("loss_pattern", "periodic"), seed=1000 * i)
+              for i, p in enumerate(ports)]
     for r in relays:
         r.start()
     try:
