@@ -12,7 +12,10 @@ directory:
   ``tokens_per_s`` (all workers), ``bytes_sent`` / ``bytes_recv`` (per worker, mean over workers,
   cumulative). ``kind="eval"`` lines add ``eval_loss`` (the consolidated full model on the
   held-out split); ``kind="sync"`` lines (every H steps) add the routing-stability metrics;
-  ``kind="final"`` is the exported full model's evaluation;
+  ``kind="final"`` is the exported full model's evaluation. Over ``--transport tcp``:
+  ``kind="membership"`` when workers were lost (``lost``, ``live``, ``reasons``, ``detected_at``
+  (wall clock), ``lost_data_shards``: the tokens and documents no longer trained on) and
+  ``kind="stopped"`` when the loss took experts with it; evaluation only at the end;
 - ``checkpoints/`` (``fomoe.checkpoint``), ``model.safetensors`` (the consolidated model) and
   ``summary.json``.
 

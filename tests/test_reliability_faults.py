@@ -130,7 +130,7 @@ def test_losing_the_only_holder_of_an_expert_stops_with_a_checkpoint(tmp_path):
 def test_a_frozen_worker_is_detected_by_the_timeout_and_excluded(tmp_path):
     p = Placement.replicated(3, 3, 2, 2)
     spec = _spec(p, tmp_path, steps=30, step_s=0.1, peer_timeout_s=2.0, record=False)
-    results = _run(spec, world=3, on_start=rw.timed_killer(str(tmp_path), 2, 0.7, signal.SIGSTOP, world=3))
+    results = _run(spec, world=3, on_start=rw.timed_killer(str(tmp_path), 2, 0.7, signal.SIGSTOP, world=3, thaw_s=6.0))
     killed = json.loads((tmp_path / "killed").read_text())
     survivors = [r for r in results if not isinstance(r, Failed) and r["status"] == "finished"]
     assert [r["rank"] for r in survivors] == [0, 1]
