@@ -12,7 +12,8 @@ needs and torch.distributed's backends do not offer:
   connection that fails the proof is refused and logged; nothing else is read from it. The
   transport does **not encrypt**: traffic between sites must run inside a VPN or TLS tunnel
   (WireGuard, an SSH or stunnel tunnel); bind the listener to that tunnel's interface address
-  (``bind=``), never to a public interface.
+  (``bind=``), never to a public interface. Connections a worker dials leave from its bound
+  address too (unless it is a wildcard).
 - **A lost worker is detected, not waited for.** A worker killed outright closes its
   connections (seen at once); one that freezes or whose machine or link dies goes silent, and
   every worker sends a heartbeat on idle connections, so silence longer than
@@ -21,8 +22,8 @@ needs and torch.distributed's backends do not offer:
   slowest link the run accepts, no per-model tuning.
 - **Survivors agree on who is left.** A collective interrupted by a loss raises
   ``comm.PeerLost``; ``recover()`` then runs a membership agreement (every survivor gossips
-  the set of lost workers it knows of until all survivors hold the same set) and returns the
-  live ranks, identical on every survivor. A worker the others declared lost learns it
+  the set of lost workers it knows of, with what it saw of each loss and when, until all
+  survivors hold the same set) and returns the live ranks, identical on every survivor. A worker the others declared lost learns it
   (``comm.Excluded``); a side with less than half of the workers stops (``comm.QuorumLost``),
   so a network partition cannot split one run into two. A restarted worker can join again
   (``join=True``): the survivors admit it at their next collective.
