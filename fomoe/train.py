@@ -518,9 +518,16 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
     loop_start = time.perf_counter()
 
+    def final_exchange(text: str) -> dict | None:
+        # After the last round the final checkpoint is complete: a loss now ends nothing.
+        try:
+            return manager.exchange(text)
+        except ExpertsLost:
+            return None
+
     def barrier() -> None:
         if tolerant:
-            manager.exchange("")
+            final_exchange("")
         elif world > 1:
             dist.barrier()
 
@@ -633,7 +640,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
             "shard_tokens": data.shard_tokens, "shard_documents": data.shard_documents,
             "expected_bytes_per_sync": list(manager.expected_traffic)}
     if tolerant:
-        got = manager.exchange(json.dumps(mine))
+        got = final_exchange(json.dumps(mine))
         everyone = [json.loads(t) for _, t in sorted(got.items())] if got else [mine]
     elif world > 1:
         everyone = [None] * world if rank == 0 else None
