@@ -232,6 +232,7 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
                 lost = sorted(set(range(world_size)) - set(shards))
                 if lost:
                     manifest["lost_ranks"] = lost
+                manifest["manifest_sha256"] = _manifest_digest(manifest)
                 _write_atomic(step_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
                 _write_atomic(root / "latest", (step_dir.name + "\n").encode())
                 if keep is not None:
@@ -310,7 +311,15 @@ def read_manifest(step_dir: Path) -> dict:
         raise CheckpointError(f"{path} is unreadable: {exc}") from exc
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fomoe checkpoint manifest (format {manifest.get('format')!r})")
+    expected = manifest.pop("manifest_sha256", None)
+    if expected is not None and expected != _manifest_digest(manifest):
+        raise CheckpointError(f"{path} is corrupt: its content does not match its checksum")
     return manifest
+
+
+def _manifest_digest(manifest: dict) -> str:
+    # Canonical JSON: the digest does not depend on how the file was written out.
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def verify_shard(step_dir: Path, rank: int, manifest: dict | None = None) -> Path:

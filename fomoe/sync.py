@@ -254,6 +254,9 @@ class _Segment:
         return g.reshape(-1)
 
 
+ROUTING_FIELDS = ("top_k", "score", "renormalize", "skip_policy", "renormalize_kept", "aux_loss_coef", "z_loss_coef")
+
+
 class SyncManager:
     """Runs the inner optimizer and the federation's synchronisation.
 
@@ -384,7 +387,9 @@ class SyncManager:
                 "check_updates": self.check_updates, "max_update_ratio": self.max_update_ratio,
                 "compression": self.compression, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "dense_numel": self.layout.dense_numel,
-                "expert_numel": [list(l) for l in self.layout.expert_numel]}
+                "expert_numel": [list(l) for l in self.layout.expert_numel],
+                # Routing changes what every expert learns without changing a parameter's shape.
+                "routing": [{k: getattr(m.config, k) for k in ROUTING_FIELDS} for m in self.moes]}
 
     def _check_model_matches_placement(self) -> None:
         if len(self.moes) != self.placement.num_layers and self.moes:

@@ -362,6 +362,10 @@ class TcpTransport(comm.Transport):
             sock.settimeout(self.options.handshake_timeout_s)
             buf = bytearray()
             theirs = _recv_line(sock, buf)
+            if isinstance(theirs.get("protocol"), str) and theirs["protocol"] != PROTOCOL:
+                _send_line(sock, {"protocol": PROTOCOL, "refused": f"this worker speaks {PROTOCOL}, the client "
+                                  f"{theirs['protocol']}: run the same fomoe version on every worker"})
+                raise HandshakeError(f"speaks {theirs['protocol']!r}, not {PROTOCOL}")
             if theirs.get("protocol") != PROTOCOL or not isinstance(theirs.get("nonce"), str):
                 raise HandshakeError(f"not a {PROTOCOL} client")
             rank, world = theirs.get("rank"), theirs.get("world")

@@ -393,9 +393,6 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
 
     cfg = TrainConfig.from_dict(cfg_dict)
     rank, world = ctx.rank, ctx.world_size
-    if world != cfg.workers:
-        raise ConfigError(f"the run is configured for {cfg.workers} workers but {world} were started "
-                          f"(under torchrun, --workers must equal the number of processes)")
     device = ctx.device if cfg.device == "cuda" else torch.device("cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -408,15 +405,28 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
                                  options=TcpOptions(peer_timeout_s=cfg.peer_timeout_s))
     tolerant = transport is not None
     run_dir = Path(cfg.out)
-    data_cfg = DataConfig(paths=tuple(cfg.data), iid=cfg.iid, seed=cfg.seed, token_dtype=cfg.data_dtype)
-    data = load_worker_data(data_cfg, rank, world, cfg.seq_len, cfg.batch_size)
-    model_cfg = TrainConfig.model_config_for(cfg, data.vocab_size)
-    placement = Placement.from_spec(cfg.placement, world, model_cfg.num_experts, model_cfg.n_layers, seed=cfg.seed)
+    # What one worker prepares alone can fail on that worker only (its data is missing, it was
+    # started with another worker count): the error travels through the agreement, so every
+    # worker stops with it at once instead of waiting for the failed one until the timeout.
+    agreed = {"train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "bind", "advertise")},
+              "resume": resume}
+    local_error = None
+    try:
+        if world != cfg.workers:
+            raise ConfigError(f"the run is configured for {cfg.workers} workers but {world} were started "
+                              f"(under torchrun, --workers must equal the number of processes)")
+        data_cfg = DataConfig(paths=tuple(cfg.data), iid=cfg.iid, seed=cfg.seed, token_dtype=cfg.data_dtype)
+        data = load_worker_data(data_cfg, rank, world, cfg.seq_len, cfg.batch_size)
+        model_cfg = TrainConfig.model_config_for(cfg, data.vocab_size)
+        placement = Placement.from_spec(cfg.placement, world, model_cfg.num_experts, model_cfg.n_layers,
+                                        seed=cfg.seed)
+        agreed.update({"model": model_cfg.to_dict(), "data": data.identity, "placement": placement.fingerprint()})
+    except (ValueError, OSError) as exc:   # ConfigError, DataError, PlacementError; unreadable files
+        local_error = f"rank {rank}: {exc}"
     if world > 1:
-        comm.agree("train-config", {"train": {k: v for k, v in cfg.to_dict().items()
-                                              if k not in ("progress", "bind", "advertise")},
-                                    "data": data.fingerprint, "placement": placement.fingerprint()},
-                   "training configuration")
+        comm.agree("train-config", agreed, "training configuration", error=local_error)
+    if local_error is not None:
+        raise ConfigError(local_error)
     torch.manual_seed(cfg.seed * 1000 + rank)
     model = MoELM.from_placement(model_cfg, placement, rank, seed=cfg.seed).to(device)
     model.train()

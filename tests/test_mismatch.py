@@ -182,8 +182,6 @@ def test_training_workers_that_differ_are_refused_on_every_worker(train_refusals
         assert out[rank][name][0] == "ValueError"
 
 
-@pytest.mark.xfail(strict=True, reason="run_worker agrees on data.fingerprint (one hash); it should agree on "
-                                       "data.identity (fomoe.data), which names what differs")
 def test_training_refusal_names_how_the_data_differs(train_refusals):
     out, _ = train_refusals
     for rank in range(2):
@@ -205,8 +203,6 @@ def _one_train_run(ctx, cfg_by_rank):
     run_worker(ctx, cfg_by_rank[ctx.rank])
 
 
-@pytest.mark.xfail(strict=True, reason="run_worker raises local errors before comm.agree: the other workers wait "
-                                       "until the run's timeout (fix: pass the error to agree)")
 @pytest.mark.parametrize("name", list(LOCAL_FAILURES))
 def test_a_local_failure_before_the_agreement_fails_every_worker(tmp_path, name):
     _corpus(tmp_path / "corpus")
@@ -225,9 +221,6 @@ def _resume_on_rank_1(ctx, cfg):
     run_worker(ctx, cfg, ctx.rank == 1)
 
 
-@pytest.mark.xfail(strict=True, reason="run_worker does not agree on resume: a resuming worker waits in the "
-                                       "checkpoint exchange while the others train, until the run's timeout "
-                                       "(fix: agree on it)")
 def test_resuming_next_to_a_fresh_start_is_refused(tmp_path):
     _corpus(tmp_path / "corpus")
     cfg = _base_config(tmp_path, str(tmp_path / "corpus"))
@@ -325,8 +318,6 @@ def test_sync_manager_refuses_another_model_shape(sync_refusals):
                         [("placement", more.fingerprint(), BASE_PLACEMENT.fingerprint())])
 
 
-@pytest.mark.xfail(strict=True, reason="SyncManager.config_summary has no routing settings: workers with different "
-                                       "top_k train together silently (fix: add each MoE layer's routing config)")
 def test_sync_manager_refuses_another_top_k(sync_refusals):
     _check_every_worker(sync_refusals, "model_top_k", "sync configuration", pattern=r"top_k=1.* where rank 0 has .*top_k=2")
 
@@ -466,8 +457,6 @@ def test_tcp_handshake_refuses_another_protocol_version(protocol_mismatch):
     assert "ranks [1] did not connect" in str(r0["error"]) and "fomoe-tcp/1" in str(r0["error"])
 
 
-@pytest.mark.xfail(strict=True, reason="the accepting side neither names the client's protocol in its log nor tells "
-                                       "the client why it hangs up")
 def test_tcp_refusal_of_another_protocol_names_both_versions(protocol_mismatch):
     r0, _, reply = protocol_mismatch
     assert "fomoe-tcp/2" in str(r0["error"]) and "fomoe-tcp/1" in reply
