@@ -39,6 +39,8 @@ def profile(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, reps:
     cuda = device.type == "cuda"
 
     def step() -> None:
+        layer.zero_grad(set_to_none=True)   # as a training loop does: fresh gradients, no accumulation
+        x.grad = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             y = layer(x)
         y.float().square().mean().backward()
