@@ -48,6 +48,8 @@ import threading
 import time
 from typing import Sequence
 
+from . import _net
+
 SEGMENT_BYTES = 1448            # Ethernet MSS with TCP timestamps
 READ_BYTES = 1 << 18            # largest chunk read at once (the shaping granularity at high rates)
 LOSS_PATTERNS = ("periodic", "random")
@@ -236,15 +238,7 @@ class Relay:
         if self._listener is not None or self._stopping:
             raise RuntimeError("a relay starts once (it is running or was stopped)")
         host, port = self.listen_at
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"relay cannot listen on {host}:{port}: {exc}") from exc
-        sock.listen(64)
+        sock = _net.listen(host, port, who="fomoe.relay")
         self._listener = sock
         self._accept_thread = threading.Thread(target=self._accept_loop, args=(sock,), daemon=True, name="fomoe-relay-accept")
         self._accept_thread.start()

@@ -63,7 +63,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import comm
+from . import _net, comm
 
 PROTOCOL = "fomoe-tcp/1"
 TOKEN_ENV = "FOMOE_RUN_TOKEN"
@@ -239,7 +239,7 @@ class TcpTransport(comm.Transport):
             addresses = [parse_address(a) for a in peers]
             bind = bind or addresses[rank][0]
             port = addresses[rank][1]
-        self._listener = self._listen(bind or "127.0.0.1", port)
+        self._listener = _net.listen(bind or "127.0.0.1", port, who="fomoe.tcp")
         # Connections this worker dials leave from the bound address too (unless it is a
         # wildcard), so all of the run's traffic uses the interface the user chose.
         bound = self._listener.getsockname()[0]
@@ -272,20 +272,6 @@ class TcpTransport(comm.Transport):
             comm.set_control_plane(self)
 
     # ---- setup -----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _listen(host: str, port: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"cannot listen on {host}:{port}: {exc} (is another run using the port, or is {host} not "
-                          f"an address of this machine?)") from exc
-        sock.listen(64)
-        return sock
 
     def _rendezvous(self, store, join: bool) -> list[tuple[str, int]]:
         import datetime
