@@ -150,15 +150,20 @@ def _train_cases(ctx, base: dict, tmp: str, names):
         if case.patch == "data_content" or (case.patch == "data_elsewhere" and ctx.rank == 0):
             cfg["data"] = ["corpus"]   # relative: each rank runs in its own site directory
         undo = _patch(case.patch, ctx.rank, tmp, cfg)
-        t0 = time.monotonic()
-        try:
-            run_worker(ctx, cfg)
-            out[name] = None
-        except ValueError as exc:
-            out[name] = (type(exc).__name__, str(exc), time.monotonic() - t0)
-        finally:
-            undo()
+        out[name] = _refusal(lambda: run_worker(ctx, cfg), undo)
     return out
+
+
+def _refusal(run, undo) -> tuple | None:
+    """None when ``run()`` went through, else (exception type, message, seconds until refused)."""
+    t0 = time.monotonic()
+    try:
+        run()
+        return None
+    except ValueError as exc:
+        return (type(exc).__name__, str(exc), time.monotonic() - t0)
+    finally:
+        undo()
 
 
 @pytest.fixture(scope="module")
@@ -282,15 +287,11 @@ def _sync_cases(ctx, names):
         if "num_experts" in model_kw:   # a consistent worker of its own kind: the placement fits its model
             sync["placement"] = Placement.replicated(2, model_kw["num_experts"], 2, 1, mode="random", seed=0)
         undo = _patch(case.patch, ctx.rank, "", {})
-        t0 = time.monotonic()
-        try:
+
+        def start(sync=sync, model_kw=model_kw):
             model = _Net(placement=sync["placement"], rank=ctx.rank, **model_kw)
             SyncManager(model, torch.optim.SGD(model.parameters(), lr=0.1), rank=ctx.rank, world_size=2, **sync)
-            out[name] = None
-        except ValueError as exc:
-            out[name] = (type(exc).__name__, str(exc), time.monotonic() - t0)
-        finally:
-            undo()
+        out[name] = _refusal(start, undo)
     return out
 
 
