@@ -106,7 +106,8 @@ _FIELD_FLAGS = {"method": "method", "workers": "workers", "placement": "placemen
                 "seed": "seed", "bf16": "bf16", "data": "data", "iid": "iid", "data_dtype": "data_dtype",
                 "eval_every": "eval_every", "eval_batches": "eval_batches", "ckpt_every": "ckpt_every",
                 "log_every": "log_every", "device": "device", "threads": "threads", "timeout": "timeout_s",
-                "transport": "transport", "bind": "bind", "advertise": "advertise", "peer_timeout": "peer_timeout_s"}
+                "transport": "transport", "bind": "bind", "advertise": "advertise", "peer_timeout": "peer_timeout_s",
+                "link_mbps": "link_mbps", "link_latency_ms": "link_latency_ms", "link_loss": "link_loss"}
 
 
 def _explicit(args) -> dict:
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--advertise", default=None, help="tcp: host or host:port the other workers dial (default: --bind)")
     x.add_argument("--peer-timeout", type=_positive_float, default=None,
                    help="tcp: seconds of silence after which a worker counts as lost (default 30)")
+    x.add_argument("--link-mbps", type=_positive_float, default=None,
+                   help="tcp: the slowest link between sites, Mbit/s: transfer deadlines and the peer timeout then "
+                        "follow this run's sync schedule over it (default: deadlines assume >= 10 Mbit/s)")
+    x.add_argument("--link-latency-ms", type=float, default=None, help="tcp: that link's one-way latency (default 50)")
+    x.add_argument("--link-loss", type=float, default=None, help="tcp: that link's TCP segment loss rate (default 0)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="the same run under ddp, diloco and fomoe, and a report",

@@ -103,6 +103,11 @@ class TrainConfig:
     bind: str | None = None             # tcp: address to listen on (a VPN interface's)
     advertise: str | None = None        # tcp: host or host:port the other workers dial
     peer_timeout_s: float = 30.0        # tcp: silence after which a worker counts as lost
+    # tcp: the slowest link between the sites, if known: transfer deadlines and the peer timeout
+    # then follow this run's sync schedule over that link (fomoe.plan.tcp_options).
+    link_mbps: float | None = None
+    link_latency_ms: float = 50.0
+    link_loss: float = 0.0
 
     def resolved(self) -> "TrainConfig":
         """A copy with defaults filled in and everything validated (raises ConfigError)."""
@@ -163,8 +168,14 @@ class TrainConfig:
             raise ConfigError(f"--transport must be one of {', '.join(TRANSPORTS)}, got {c.transport!r}")
         if not (isinstance(c.peer_timeout_s, (int, float)) and c.peer_timeout_s > 0):
             raise ConfigError(f"--peer-timeout must be > 0, got {c.peer_timeout_s!r}")
-        if c.transport == "default" and (c.bind or c.advertise):
-            raise ConfigError("--bind and --advertise belong to --transport tcp")
+        if c.transport == "default" and (c.bind or c.advertise or c.link_mbps is not None):
+            raise ConfigError("--bind, --advertise and --link-mbps belong to --transport tcp")
+        if c.link_mbps is not None and not (isinstance(c.link_mbps, (int, float)) and c.link_mbps > 0):
+            raise ConfigError(f"--link-mbps must be > 0, got {c.link_mbps!r}")
+        if not (isinstance(c.link_latency_ms, (int, float)) and c.link_latency_ms >= 0):
+            raise ConfigError(f"--link-latency-ms must be >= 0, got {c.link_latency_ms!r}")
+        if not (isinstance(c.link_loss, (int, float)) and 0 <= c.link_loss < 1):
+            raise ConfigError(f"--link-loss must be in [0, 1), got {c.link_loss!r}")
         if c.transport == "tcp" and c.method == "ddp":
             raise ConfigError("--transport tcp runs outer-sync methods (fomoe, diloco); ddp all-reduces every step's "
                               "gradients and cannot continue without a lost worker's optimizer state")
@@ -379,6 +390,17 @@ class MetricsLog:
 
 # ---- the worker ----------------------------------------------------------------------------------
 
+def link_tcp_options(cfg: TrainConfig, buckets, world: int):
+    """The TCP transport's timeouts for this run's sync schedule over the link the user named:
+    never a shorter peer timeout than asked for, never a shorter stall allowance than the default."""
+    from . import plan
+    from .tcp import TcpOptions
+    link = plan.Link(bandwidth_gbps=cfg.link_mbps / 1e3, latency_ms=cfg.link_latency_ms, loss=cfg.link_loss)
+    proposed = plan.tcp_options(buckets, world, link, floor_s=cfg.peer_timeout_s)
+    proposed["stall_timeout_s"] = max(proposed["stall_timeout_s"], TcpOptions.stall_timeout_s)
+    return TcpOptions(**proposed)
+
+
 def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = None) -> dict:
     """One worker's whole run (under ``fomoe.launch.spawn`` or torchrun). Returns its summary.
 
@@ -439,6 +461,8 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
                           weighted=cfg.weighted, global_device="cpu" if tolerant else device,
                           compression=cfg.compression, max_grad_norm=cfg.grad_clip, transport=transport,
                           on_membership_change=lambda event: on_membership(event))
+    if tolerant and cfg.link_mbps is not None:
+        transport.options = link_tcp_options(cfg, manager.buckets, world)
     monitor = RoutingMonitor(model)
     eval_set = eval_batches(data.eval_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     full_model = None
@@ -672,7 +696,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
 
 # Fields a resumed run may change: they do not alter what is computed.
 RESUMABLE_FIELDS = ("steps", "progress", "stop_at", "threads", "timeout_s", "transport", "bind", "advertise",
-                    "peer_timeout_s")
+                    "peer_timeout_s", "link_mbps", "link_latency_ms", "link_loss")
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_cfg: LMConfig, placement, data) -> None:

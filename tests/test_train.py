@@ -186,6 +186,34 @@ def _config(args: list[str], out: Path) -> TrainConfig:
     return TrainConfig(**_explicit(parsed), out=str(out), progress=False)
 
 
+def test_link_flags_make_transport_deadlines_follow_the_schedule_over_that_link(tmp_path):
+    """--link-mbps/--link-latency-ms/--link-loss: a healthy transfer over that link never hits its
+    deadline (4x its modelled time), where the defaults (>= 10 Mbit/s assumed) would call a slow
+    2 Mbit/s lossy link's large sync a lost worker; the peer timeout is never below --peer-timeout."""
+    from fomoe import plan
+    from fomoe.sync import ParamLayout, build_schedule
+    from fomoe.tcp import TcpOptions
+    from fomoe.train import link_tcp_options
+    cfg = _config([*TCP, "--link-mbps", "2", "--link-latency-ms", "500", "--link-loss", "0.01", *SMALL],
+                  tmp_path / "r").resolved()
+    model_cfg = TrainConfig.model_config_for(cfg, 256)
+    placement = Placement.from_spec(cfg.placement, cfg.workers, model_cfg.num_experts, model_cfg.n_layers)
+    buckets = build_schedule(ParamLayout.from_lm_config(model_cfg), placement, cfg.method, num_workers=cfg.workers)
+    options = link_tcp_options(cfg, buckets, cfg.workers)
+    link = plan.Link(bandwidth_gbps=0.002, latency_ms=500, loss=0.01)
+    for nbytes in (4096, 10 ** 6, 10 ** 8):
+        assert options.transfer_deadline_s(nbytes) >= 4 * link.transfer_seconds(nbytes, 1) - 1e-6
+    assert TcpOptions(peer_timeout_s=3).transfer_deadline_s(10 ** 8) < link.transfer_seconds(10 ** 8, 1)
+    assert options.peer_timeout_s == pytest.approx(4 * 3 * 0.5)     # the link's silences need more than 3 s
+    fast = _config([*TCP, "--link-mbps", "1000", "--link-latency-ms", "1", *SMALL], tmp_path / "f").resolved()
+    assert link_tcp_options(fast, buckets, fast.workers).peer_timeout_s == 3.0
+    assert link_tcp_options(fast, buckets, fast.workers).stall_timeout_s >= TcpOptions().stall_timeout_s
+    with pytest.raises(ValueError, match="--link-mbps"):
+        _config(["--link-mbps", "10", *SMALL], tmp_path / "d").resolved()    # default transport
+    with pytest.raises(ValueError, match="--link-loss"):
+        _config([*TCP, "--link-mbps", "10", "--link-loss", "1.5", *SMALL], tmp_path / "l").resolved()
+
+
 def test_tcp_needs_a_token(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FOMOE_RUN_TOKEN", raising=False)
     assert main(["train", "--out", str(tmp_path / "r"), *TCP, *SMALL]) == 2
@@ -199,7 +227,7 @@ def test_tcp_run_loses_a_worker_and_finishes_without_it(tmp_path, monkeypatch):
     from fomoe.train import train
     out = tmp_path / "r2"
     cfg = _config(["--workers", "3", "--placement", "replicated(2)", "--steps", "20", "--sync-every", "5",
-                   "--log-every", "1", *TCP, *SMALL], out)
+                   "--log-every", "1", *TCP, "--link-mbps", "1000", "--link-latency-ms", "1", *SMALL], out)
     summary = train(cfg, token="test-token", on_start=_kill_after_line(out, 1, 7))
     assert summary["lost_workers"] == [1] and "code -9" in summary["failed_workers"][1]
     lines = read_metrics(out)
