@@ -186,6 +186,28 @@ def test_gather_equals_cpu_kernel_bitwise(T, E, k, num_local, d, dtype, gen):
         assert torch.equal(out_gpu.cpu(), ref.gather(x, perm, inv, s))
 
 
+# Large batches are gathered token by token (each token row read once, written to its rows);
+# the result must stay the row-by-row kernel's for any tables, also where permutation and
+# inverse disagree (rows then come from permutation, as on the CPU).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("T,d", [(4096, 8), (5003, 24), (2048, 4096)])
+def test_token_major_gather_equals_cpu_kernel_for_any_tables(T, d, dtype, gen):
+    k = 2
+    perm, _, inv = dispatched(T, 16, k, 8, gen)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    scale = torch.rand(T, k, generator=gen)
+    kept = int((perm >= 0).sum())
+    swapped = perm.clone()                       # two kept rows exchanged, a third made skipped
+    swapped[0], swapped[kept - 1] = perm[kept - 1], perm[0]
+    swapped[kept // 2] = -1
+    junk_inv = torch.where(torch.rand(T, k, generator=gen) < 0.1, torch.randint(-5, 3 * T * k, (T, k), generator=gen,
+                                                                               dtype=torch.int32), inv)
+    for p, i in ((perm, inv), (swapped, inv), (perm, junk_inv)):
+        for s in (None, scale):
+            out_gpu = ops.gather(cuda(x), cuda(p), cuda(i), cuda(s))
+            assert torch.equal(out_gpu.cpu(), ops.gather(x, p, inv, s))
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("T,E,k,num_local,d", ROW_CASES)
 def test_combine_and_gate_grad_match_cpu_kernel(T, E, k, num_local, d, dtype, gen):

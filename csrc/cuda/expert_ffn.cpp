@@ -43,14 +43,15 @@ routing::DType routing_dtype(at::ScalarType t) {
 
 // Rows of x [tokens, d] into expert order (out [rows, d]); rows of skipped assignments (past
 // the kept count) are left as they are: nothing reads them.
-void gather_into(const char* op, const at::Tensor& x, const at::Tensor& permutation, int64_t top_k, at::Tensor& out,
-                 cudaStream_t stream) {
+void gather_into(const char* op, const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& inverse,
+                 at::Tensor& out, cudaStream_t stream) {
   routing::GatherRows p;
   p.x = x.const_data_ptr();
   p.x_stride = x.size(1);
   p.tokens = x.size(0);
-  p.top_k = top_k;
+  p.top_k = inverse.size(1);
   p.permutation = permutation.const_data_ptr<int32_t>();
+  p.inverse = inverse.const_data_ptr<int32_t>();
   p.rows = permutation.numel();
   p.out = out.mutable_data_ptr();
   p.out_stride = out.size(1);
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x, const at
   auto y = at::empty({tokens, d}, x.options());
   with_cuda_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    gather_into(op, xc, perm, top_k, xg, stream);
+    gather_into(op, xc, perm, inv, xg, stream);
     // Rows of h past the kept count stay unwritten (see the top of this file).
     grouped_mm_into(op, xg, w13c, off, h, /*zero_tail=*/false);
     xg.reset();
@@ -154,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
     // One [T*k, d] buffer serves three operands in turn (stream order makes each reuse safe):
     // grad_y's rows, then x's rows, then the rows of grad_x.
     auto rows_d = at::empty({n, d}, x.options());
-    gather_into(op, gy, perm, top_k, rows_d, stream);
+    gather_into(op, gy, perm, inv, rows_d, stream);
     // Unweighted gradient of each row's expert output wrt the SwiGLU output: grad_y rows @ w2[e]^T.
     auto grad_a = at::empty({n, f}, x.options());
     grouped_mm_into(op, rows_d, w2c.transpose(1, 2), off, grad_a, /*zero_tail=*/false);
@@ -168,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
                  op);
     grad_w2 = grouped_weight_grad(op, /*a_gated=*/grad_a, /*grad_y rows=*/rows_d, off);
     grad_a.reset();
-    gather_into(op, xc, perm, top_k, rows_d, stream);  // x's rows, needed only for the w13 gradient
+    gather_into(op, xc, perm, inv, rows_d, stream);  // x's rows, needed only for the w13 gradient
     grad_w13 = grouped_weight_grad(op, /*x rows=*/rows_d, grad_h, off);
     grouped_mm_into(op, grad_h, w13c.transpose(1, 2), off, /*grad_x rows=*/rows_d, /*zero_tail=*/false);
     grad_h.reset();

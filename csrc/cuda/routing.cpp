@@ -140,6 +140,7 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, const 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto perm = perm_in.contiguous();
+  const auto inverse = inv.contiguous();
   const auto acc = accum_dtype(x.scalar_type());
   const auto scale = scale_in ? std::optional<at::Tensor>(scale_in->to(acc).contiguous()) : std::nullopt;
   const int64_t n = perm.numel(), d = x.size(1);
@@ -151,6 +152,7 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, const 
   p.tokens = x.size(0);
   p.top_k = inv.size(1);
   p.permutation = perm.data_ptr<int32_t>();
+  p.inverse = inverse.data_ptr<int32_t>();
   p.rows = n;
   p.scale = scale ? scale->data_ptr() : nullptr;
   p.out = out.data_ptr();

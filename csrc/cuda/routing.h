@@ -87,6 +87,11 @@ struct GatherRows {
   const int32_t* permutation = nullptr;  // [rows], entries in [-1, tokens*top_k)
   int64_t rows = 0;
   const void* scale = nullptr;           // optional [tokens*top_k], accumulation dtype
+  // Optional: the inverse of `permutation` ([tokens, top_k], the expert-order row of each
+  // assignment or -1). With it, large batches are gathered token by token: each token row is
+  // read once and written to its rows (the row-by-row kernel reads it top_k times, from DRAM
+  // once the token rows outgrow L2). Its entries must agree with `permutation`.
+  const int32_t* inverse = nullptr;
   void* out = nullptr;                   // [rows, d]
   int64_t out_stride = 0;
   int64_t d = 0;

@@ -213,6 +213,7 @@ constexpr uint32_t kStepsPerSegment = 4;
 // in at most 80 registers (combine: 24 warps per SM) or 128 (gate gradient, one warp per token).
 constexpr int kCombineBlocksPerSM = 3;
 constexpr int kGateGradBlocksPerSM = 2;
+constexpr int kTokenGatherBlocksPerSM = 2;  // 3 spilled the scaled bf16 variant (its scaled copies)
 
 // One warp per (token, row segment): out[t, segment] = sum over slots of gate * rows[inverse],
 // the loads of K slots x C vectors issued before any of them is summed.
@@ -317,6 +318,82 @@ __global__ void __launch_bounds__(kThreads, kGateGradBlocksPerSM)
   if (bad && lane == 0) raise_error(flags, kTableEntryOutOfRange);
 }
 
+// Token-major gather: one warp per (token, row segment) loads its C vectors per lane of the
+// token row once, then stores them (scaled per slot) to each row r = inverse[t, s] whose
+// permutation entry names that assignment back. Together with unmapped_rows_kernel (every other
+// row) the result is the row-by-row kernel's for any tables: each row is written exactly once.
+template <typename T, int VEC, int C, bool kScale>
+__global__ void __launch_bounds__(kThreads, kTokenGatherBlocksPerSM)
+    gather_by_token_kernel(const T* __restrict__ x, int64_t x_stride, int64_t tokens, int k,
+                           const int32_t* __restrict__ permutation, const int32_t* __restrict__ inverse, int64_t rows,
+                           const acc_t<T>* __restrict__ scale, T* __restrict__ out, int64_t out_stride, uint32_t vpr,
+                           uint32_t segment_vectors, uint32_t segments) {
+  using V = Vec<T, VEC>;
+  using A = acc_t<T>;
+  const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (item >= tokens * segments) return;  // whole warps leave together
+  const int64_t t = item / segments;
+  const uint32_t begin = static_cast<uint32_t>(item % segments) * segment_vectors;
+  const uint32_t end = min(vpr, begin + segment_vectors);
+  const V* src = reinterpret_cast<const V*>(x + t * x_stride);
+  for (uint32_t c0 = begin + lane; c0 < end; c0 += 32 * C) {
+    V v[C];
+#pragma unroll
+    for (int u = 0; u < C; ++u) v[u] = load_if(src + c0 + u * 32, c0 + u * 32 < end);
+    for (int s = 0; s < k; ++s) {
+      const int64_t a = t * k + s;
+      const int32_t r = __ldg(inverse + a);  // the same words in every lane: broadcasts, warp-uniform
+      if (r < 0 || r >= rows || __ldg(permutation + r) != a) continue;
+      V* dst = reinterpret_cast<V*>(out + int64_t(r) * out_stride);
+      [[maybe_unused]] const A g = kScale ? __ldg(scale + a) : A(1);
+#pragma unroll
+      for (int u = 0; u < C; ++u) {
+        if (c0 + u * 32 >= end) continue;
+        V w = v[u];
+        if constexpr (kScale) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(v[u].v[e])));
+        }
+        store_streaming(dst + c0 + u * 32, w);
+      }
+    }
+  }
+}
+
+// One warp per output row: the rows gather_by_token_kernel does not write. A row whose entry p
+// is valid but not named back by inverse[p] is copied here; p == -1 gives zeros (when asked
+// for); entries outside [-1, assignments) raise the flag and count as -1. For tables from
+// dispatch only the skipped rows get here: the rest of the warps read two words and leave.
+template <typename T, int VEC, bool kScale>
+__global__ void __launch_bounds__(kThreads)
+    unmapped_rows_kernel(const T* __restrict__ x, int64_t x_stride, int64_t assignments, int k,
+                         const int32_t* __restrict__ permutation, const int32_t* __restrict__ inverse, int64_t rows,
+                         const acc_t<T>* __restrict__ scale, T* __restrict__ out, int64_t out_stride, uint32_t vpr,
+                         bool zero_skipped, uint32_t* flags) {
+  using V = Vec<T, VEC>;
+  using A = acc_t<T>;
+  const int64_t j = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (j >= rows) return;  // whole warps leave together
+  const int p = __ldg(permutation + j);
+  const bool valid = p >= 0 && p < assignments;
+  if (valid && __ldg(inverse + p) == j) return;  // written by the token-major kernel
+  if (!valid && p != -1 && lane == 0) raise_error(flags, kTableEntryOutOfRange);
+  if (!valid && !zero_skipped) return;
+  const V* src = reinterpret_cast<const V*>(x + int64_t(valid ? p / k : 0) * x_stride);
+  [[maybe_unused]] const A g = kScale && valid ? __ldg(scale + p) : A(1);
+  V* dst = reinterpret_cast<V*>(out + j * out_stride);
+  for (uint32_t c = lane; c < vpr; c += 32) {
+    V w = load_if(src + c, valid);
+    if constexpr (kScale) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(w.v[e])));
+    }
+    store_streaming(dst + c, w);
+  }
+}
+
 // 16-byte vectors when every row start is 16-byte aligned, else single elements.
 template <typename T>
 int vector_width(int64_t d, std::initializer_list<std::pair<const void*, int64_t>> matrices) {
@@ -330,9 +407,46 @@ int vector_width(int64_t d, std::initializer_list<std::pair<const void*, int64_t
 // Grids past 2^31-1 blocks are out of reach (rows of 2^40 bytes and more).
 inline bool grid_ok(int64_t blocks) { return blocks <= INT32_MAX; }
 
+// Token-major gather (see gather_by_token_kernel) when the inverse is given, rows are vectors,
+// and the batch has enough tokens to fill the GPU with one warp per token segment (below that,
+// the row-by-row kernel keeps more loads in flight, and the token rows fit in L2 anyway).
+constexpr int kTokenGatherVectors = 8;        // C: vectors in flight per lane
+constexpr int64_t kTokenGatherMinWarps = 4096;
+
+template <typename T, int VEC>
+cudaError_t launch_gather_by_token(const GatherRows& p, uint32_t vpr, cudaStream_t stream) {
+  constexpr int C = kTokenGatherVectors;
+  const uint32_t segment_vectors = 32 * C;   // one warp-wide step per segment: many small work items
+  const uint32_t segments = static_cast<uint32_t>(ceil_div(vpr, segment_vectors));
+  const int64_t blocks = ceil_div(p.tokens * segments, kThreads / 32);
+  const int64_t row_blocks = ceil_div(p.rows, kThreads / 32);
+  if (!grid_ok(blocks) || !grid_ok(row_blocks)) return cudaErrorInvalidValue;
+  const auto* x = static_cast<const T*>(p.x);
+  const auto* scale = static_cast<const acc_t<T>*>(p.scale);
+  auto* out = static_cast<T*>(p.out);
+  const int k = static_cast<int>(p.top_k);
+  const auto run = [&](auto scaled) -> cudaError_t {
+    constexpr bool kScale = decltype(scaled)::value;
+    unmapped_rows_kernel<T, VEC, kScale><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
+        x, p.x_stride, p.tokens * p.top_k, k, p.permutation, p.inverse, p.rows, scale, out, p.out_stride, vpr,
+        p.zero_skipped_rows, p.error_flags);
+    if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
+    gather_by_token_kernel<T, VEC, C, kScale><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x, p.x_stride, p.tokens, k, p.permutation, p.inverse, p.rows, scale, out, p.out_stride, vpr, segment_vectors,
+        segments);
+    return last_launch_error();
+  };
+  return scale != nullptr ? run(std::true_type{}) : run(std::false_type{});
+}
+
 template <typename T, int VEC>
 cudaError_t launch_gather(const GatherRows& p, cudaStream_t stream) {
   const uint32_t vpr = static_cast<uint32_t>(p.d / VEC);
+  if constexpr (VEC > 1) {
+    if (p.inverse != nullptr &&
+        p.tokens * ceil_div(vpr, 32 * kTokenGatherVectors) >= kTokenGatherMinWarps)
+      return launch_gather_by_token<T, VEC>(p, vpr, stream);
+  }
   const int64_t blocks = ceil_div(p.rows * vpr, kThreads * kGatherUnroll);
   if (!grid_ok(blocks)) return cudaErrorInvalidValue;
   const auto* x = static_cast<const T*>(p.x);
