@@ -215,6 +215,22 @@ constexpr int kCombineBlocksPerSM = 3;
 constexpr int kGateGradBlocksPerSM = 2;
 constexpr int kTokenGatherBlocksPerSM = 2;  // 3 spilled the scaled bf16 variant (its scaled copies)
 
+// The work item of a warp in a one-warp-per-(token, row segment) grid: its token, its vectors
+// [begin, end) of the row, and the lane.
+struct TokenSegment {
+  int64_t token;
+  uint32_t lane, begin, end;
+  bool active;
+  __device__ TokenSegment(int64_t tokens, uint32_t vpr, uint32_t segment_vectors, uint32_t segments) {
+    const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+    lane = threadIdx.x % 32;
+    active = item < tokens * segments;
+    token = item / segments;
+    begin = static_cast<uint32_t>(item % segments) * segment_vectors;
+    end = min(vpr, begin + segment_vectors);
+  }
+};
+
 // One warp per (token, row segment): out[t, segment] = sum over slots of gate * rows[inverse],
 // the loads of K slots x C vectors issued before any of them is summed.
 template <typename T, int VEC, int K, int C>
@@ -224,12 +240,10 @@ __global__ void __launch_bounds__(kThreads, kCombineBlocksPerSM)
                    uint32_t vpr, uint32_t segment_vectors, uint32_t segments, uint32_t* flags) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const uint32_t lane = threadIdx.x % 32;
-  if (item >= tokens * segments) return;  // whole warps leave together
-  const int64_t t = item / segments;
-  const uint32_t begin = static_cast<uint32_t>(item % segments) * segment_vectors;
-  const uint32_t end = min(vpr, begin + segment_vectors);
+  const TokenSegment seg(tokens, vpr, segment_vectors, segments);
+  if (!seg.active) return;  // whole warps leave together
+  const int64_t t = seg.token;
+  const uint32_t lane = seg.lane, begin = seg.begin, end = seg.end;
   const int32_t* inv = inverse + t * k;
   const A* gates = gate != nullptr ? gate + t * k : nullptr;
   V* y = reinterpret_cast<V*>(out + t * out_stride);
@@ -330,12 +344,10 @@ __global__ void __launch_bounds__(kThreads, kTokenGatherBlocksPerSM)
                            uint32_t segment_vectors, uint32_t segments) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const uint32_t lane = threadIdx.x % 32;
-  if (item >= tokens * segments) return;  // whole warps leave together
-  const int64_t t = item / segments;
-  const uint32_t begin = static_cast<uint32_t>(item % segments) * segment_vectors;
-  const uint32_t end = min(vpr, begin + segment_vectors);
+  const TokenSegment seg(tokens, vpr, segment_vectors, segments);
+  if (!seg.active) return;  // whole warps leave together
+  const int64_t t = seg.token;
+  const uint32_t lane = seg.lane, begin = seg.begin, end = seg.end;
   const V* src = reinterpret_cast<const V*>(x + t * x_stride);
   for (uint32_t c0 = begin + lane; c0 < end; c0 += 32 * C) {
     V v[C];
