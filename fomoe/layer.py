@@ -148,9 +148,10 @@ class MoE(nn.Module):
         resident, E = self.config.resident, self.num_experts
         resident_map = torch.full((E,), -1, dtype=torch.int32)
         resident_map[list(resident)] = torch.arange(self.num_local, dtype=torch.int32)
+        resident_map = resident_map.to(device)
         self.register_buffer("expert_ids", torch.tensor(resident, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("resident_map", resident_map.to(device), persistent=False)
-        self.register_buffer("resident_mask", resident_map.to(device) >= 0, persistent=False)
+        self.register_buffer("resident_map", resident_map, persistent=False)
+        self.register_buffer("resident_mask", resident_map >= 0, persistent=False)
         self.register_buffer("tokens_routed", torch.zeros(self.num_local, dtype=torch.int64, device=device),
                              persistent=False)
 

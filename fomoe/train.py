@@ -631,7 +631,6 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
             if done == cfg.stop_at:
                 break
 
-    last_loss, last_tps = float("nan"), 0.0
     try:
         _train_loop()
     except ExpertsLost as exc:
