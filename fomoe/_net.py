@@ -1,4 +1,4 @@
-"""Socket helpers shared by the TCP transport and the link-shaping relay."""
+"""Address and socket helpers shared by the TCP transport and the link-shaping relay."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ def listen(host: str, port: int, who: str = "fomoe", backlog: int = 64) -> socke
                       f"not an address of this machine?)") from exc
     sock.listen(backlog)
     return sock
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port), with a clear error."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad address {text!r}: use host:port")
+    return host.strip("[]"), int(port)

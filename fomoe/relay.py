@@ -49,18 +49,11 @@ import time
 from typing import Sequence
 
 from . import _net
+from ._net import parse_address
 
 SEGMENT_BYTES = 1448            # Ethernet MSS with TCP timestamps
 READ_BYTES = 1 << 18            # largest chunk read at once (the shaping granularity at high rates)
 LOSS_PATTERNS = ("periodic", "random")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) -> (host, port), with a clear error."""
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"bad address {text!r}: use host:port")
-    return host.strip("[]"), int(port)
 
 
 class Shaper:

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from . import _net, comm
+from ._net import parse_address
 
 PROTOCOL = "fomoe-tcp/1"
 TOKEN_ENV = "FOMOE_RUN_TOKEN"
@@ -131,13 +132,6 @@ def _token_from(token: str | bytes | None) -> str | bytes:
 
 def _log(msg: str) -> None:
     print(f"fomoe.tcp: {msg}", file=sys.stderr, flush=True)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"bad address {text!r}: use host:port")
-    return host.strip("[]"), int(port)
 
 
 # ---- handshake ----------------------------------------------------------------------------------
