@@ -579,28 +579,11 @@ class SyncManager:
     def _sum_bucket(self, i: int, staged: dict, skip: set):
         """Pack this worker's contribution to bucket i (zeros if it is in ``skip``) and sum it."""
         bucket = self.buckets[i]
-        dev = self.global_device
         counts = None
-        if self.method == "ddp":
-            # Missing gradients (a parameter the step did not reach) count as zeros.
-            segs = self._segments[i]
-            grads = [s.param_grad() for s in segs]
-            parts = [torch.zeros(s.numel, device=dev) if g is None else g.to(dev, torch.float32)
-                     for s, g in zip(segs, grads)]
-            buf = torch.cat(parts) if parts else torch.empty(0, device=dev)
-        else:
-            buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
-            if bucket.count_numel:
-                counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
-                    device=dev, dtype=torch.float32)
-            self._pack(i, buf, counts)
-            if bucket.compression is not None and len(bucket.ranks) > 1:
-                # Error feedback: what compression loses this round is added back next round
-                # (staged until the round is applied, so a round run again starts from the same
-                # residual).
-                staged["residual"][i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
-        if self.fault_hook is not None:
-            self.fault_hook(i, buf)
+        if self.method != "ddp" and bucket.count_numel:
+            counts = torch.stack([self.moes[l].tokens_routed[self._slot(l, e)] for l, e in bucket.experts]).to(
+                device=self.global_device, dtype=torch.float32)
+        buf = self._contribution(i, staged, counts)
         if self.rank in skip:
             buf.zero_()
             if counts is not None:
@@ -612,6 +595,27 @@ class SyncManager:
             s2, r2 = self.transport.sum_(counts, bucket.ranks, None)
             sent, recv = sent + s2, recv + r2
         return buf, counts, sent, recv
+
+    def _contribution(self, i: int, staged: dict, counts: Tensor | None) -> Tensor:
+        """This worker's packed contribution to bucket i before it is summed, passed through
+        ``fault_hook``: ddp, its gradients (missing ones, a parameter the step did not reach,
+        as zeros); outer methods, Δ = θ_global − θ_local (times ``counts`` when weighted) after
+        error feedback, whose residual is staged until the round is applied (a round run again
+        starts from the same residual)."""
+        bucket = self.buckets[i]
+        dev = self.global_device
+        if self.method == "ddp":
+            parts = [torch.zeros(s.numel, device=dev) if (g := s.param_grad()) is None else g.to(dev, torch.float32)
+                     for s in self._segments[i]]
+            buf = torch.cat(parts) if parts else torch.empty(0, device=dev)
+        else:
+            buf = torch.empty(bucket.numel, dtype=torch.float32, device=dev)
+            self._pack(i, buf, counts)
+            if bucket.compression is not None and len(bucket.ranks) > 1:
+                staged["residual"][i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
+        if self.fault_hook is not None:
+            self.fault_hook(i, buf)
+        return buf
 
     def _average(self, i: int, buf: Tensor, counts: Tensor | None, contributors: int, staged: dict) -> list[Tensor]:
         """The bucket's averaged update, in pieces (outer methods: θ_global's gradient; ddp: the
@@ -638,42 +642,38 @@ class SyncManager:
     # members decide alike). Only when it fires do the members exchange one number each, their
     # verdict on their own contribution; the bad ones are left out and the rest summed again.
 
-    def _theta_amax(self, i: int) -> float:
+    def _theta_amax(self, i: int) -> Tensor:
+        """The bucket's largest weight magnitude (0-d, on the global device; 0 if it holds none)."""
         segs = [s for s in self._segments[i] if s.numel]
-        return max((float(s.global_.abs().max()) for s in segs), default=0.0)
+        if not segs:
+            return torch.zeros((), device=self.global_device)
+        return torch.stack([s.global_.abs().max() for s in segs]).max()
 
     def _suspicious(self, i: int, avg: list[Tensor]) -> bool:
         avg = [a for a in avg if a.numel()]
         if not avg:
             return False
-        if not all(bool(torch.isfinite(a).all()) for a in avg):
+        # Every round checks every bucket: one transfer to the host per bucket, not per parameter.
+        checks = [torch.stack([torch.isfinite(a).all() for a in avg]).all().float()]
+        by_ratio = self.max_update_ratio is not None and self.method != "ddp"
+        if by_ratio:
+            checks += [torch.stack([a.abs().max() for a in avg]).max().float(), self._theta_amax(i).float()]
+        values = torch.stack(checks).tolist()
+        if not values[0]:
             return True
-        if self.max_update_ratio is None or self.method == "ddp":
-            return False
-        return max(float(a.abs().max()) for a in avg) > self.max_update_ratio * self._theta_amax(i)
+        return by_ratio and values[1] > self.max_update_ratio * values[2]
 
     def _own_verdict(self, i: int) -> float:
         """NaN if this worker's contribution to bucket i is not finite, else its largest element
         relative to the bucket's largest weight (0 for ddp, where only finiteness is checked)."""
-        bucket = self.buckets[i]
         if self.rank in self._silent:
             return 0.0
-        staged = {"residual": {}, "grads": {}}
-        if self.method == "ddp":
-            buf = torch.cat([torch.zeros(s.numel) if s.param_grad() is None else s.param_grad().float().cpu()
-                             for s in self._segments[i]])
-        else:
-            buf = torch.empty(bucket.numel, dtype=torch.float32, device=self.global_device)
-            self._pack(i, buf, None)
-            if bucket.compression is not None and len(bucket.ranks) > 1:
-                staged["residual"][i] = comm.error_feedback_(buf, self._residual.get(i), bucket.compression)
-        if self.fault_hook is not None:
-            self.fault_hook(i, buf)
+        buf = self._contribution(i, {"residual": {}, "grads": {}}, None)   # unweighted; nothing kept
         if not bool(torch.isfinite(buf).all()):
             return float("nan")
         if self.method == "ddp" or buf.numel() == 0:
             return 0.0
-        theta = self._theta_amax(i)
+        theta = float(self._theta_amax(i))
         return float(buf.abs().max()) / theta if theta > 0 else 0.0
 
     def _blame(self, i: int) -> tuple[dict, int, int]:
