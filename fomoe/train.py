@@ -613,7 +613,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
                                                 f"comm {base['bytes_sent'] / 2 ** 20:,.1f} MiB/worker", refresh=False)
                 window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": now, "step0": done}
                 if is_round:
-                    routing = monitor.round_metrics(reduce=sum_over_workers if tolerant else None)
+                    routing = monitor.round_metrics(reduce=sum_over_workers)
                     if lead() and packed is not None:
                         entry = {"kind": "sync", **base, "round": -(-done // cfg.sync_every), **routing}
                         log.write(entry)
