@@ -5,8 +5,9 @@
 // entry: it reads any float dtype and always computes in fp32. Ops not listed here
 // fall through autocast and keep their inputs' dtypes.
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "op_handle.h"
 
 namespace fomoe {
 namespace {
@@ -18,11 +19,6 @@ struct AutocastScope {
   at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   at::Tensor cast(const at::Tensor& t) const { return at::autocast::cached_cast(dtype, t, device); }
 };
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 template <c10::DeviceType device>
 std::tuple<at::Tensor, at::Tensor> expert_ffn_autocast(const at::Tensor& x, const at::Tensor& perm,

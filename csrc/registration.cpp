@@ -1,7 +1,7 @@
 // The fomoe op library: every schema lives here. Kernels register per device in the files
-// that implement them (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fake kernels and autograd are
-// registered from Python (fomoe/ops.py). Semantics are documented in fomoe/reference.py,
-// which is also the test oracle.
+// that implement them (csrc/cpu/*.cpp, csrc/cuda/*.cpp), autograd in csrc/autograd.cpp,
+// autocast in csrc/autocast.cpp; fake kernels are registered from Python (fomoe/ops.py).
+// Semantics are documented in fomoe/reference.py, which is also the test oracle.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fomoe, m) {

@@ -1,9 +1,10 @@
 """Typed Python entry points of the fomoe op library, with fake kernels and autograd.
 
 The ops themselves (``torch.ops.fomoe.*``) are defined in C++ (csrc/registration.cpp) with
-CPU kernels always and CUDA kernels when the extension was built with CUDA. This module
-registers their fake (meta) kernels for ``torch.compile``, their autograd formulas, and,
-where a build lacks a device kernel, a fallback to ``fomoe.reference`` that warns once.
+CPU kernels always, CUDA kernels when the extension was built with CUDA, and their autograd
+formulas (csrc/autograd.cpp). This module registers their fake (meta) kernels for
+``torch.compile`` and, where a build lacks a device kernel, a fallback to ``fomoe.reference``
+that warns once.
 """
 
 from __future__ import annotations
@@ -127,91 +128,6 @@ def _expert_ffn_fake(x, permutation, offsets, inverse, w13, w2, gate, save_for_b
 @torch.library.register_fake("fomoe::expert_ffn_backward")
 def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2, gate, h):
     return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), torch.empty_like(gate)
-
-
-# ---- autograd --------------------------------------------------------------------------------
-
-def _route_setup(ctx, inputs, output):
-    logits, _, score, renormalize = inputs
-    weights, ids = output
-    ctx.save_for_backward(logits, weights, ids)
-    ctx.score, ctx.renormalize = score, renormalize
-
-
-def _route_backward(ctx, grad_weights, _grad_ids):
-    logits, weights, ids = ctx.saved_tensors
-    grad = _ops.route_backward(grad_weights.contiguous(), logits, weights, ids, ctx.score, ctx.renormalize)
-    return grad, None, None, None
-
-
-def _gather_setup(ctx, inputs, output):
-    x, permutation, inverse, scale = inputs
-    ctx.save_for_backward(x if scale is not None else None, permutation, inverse, scale)
-
-
-def _gather_backward(ctx, grad_rows):
-    x, permutation, inverse, scale = ctx.saved_tensors
-    grad_x = _ops.combine(grad_rows, permutation, inverse, scale) if ctx.needs_input_grad[0] else None
-    grad_scale = None
-    if scale is not None and ctx.needs_input_grad[3]:
-        grad_scale = _ops.combine_gate_grad(x, grad_rows, inverse).to(scale.dtype)
-    return grad_x, None, None, grad_scale
-
-
-def _combine_setup(ctx, inputs, output):
-    rows, permutation, inverse, gate = inputs
-    ctx.save_for_backward(rows if gate is not None else None, permutation, inverse, gate)
-
-
-def _combine_backward(ctx, grad_y):
-    rows, permutation, inverse, gate = ctx.saved_tensors
-    grad_rows = _ops.gather(grad_y, permutation, inverse, gate) if ctx.needs_input_grad[0] else None
-    grad_gate = None
-    if gate is not None and ctx.needs_input_grad[3]:
-        grad_gate = _ops.combine_gate_grad(grad_y, rows, inverse).to(gate.dtype)
-    return grad_rows, None, None, grad_gate
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offsets = ctx.saved_tensors
-    grad_a = _ops.grouped_mm(grad, b.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-    grad_b = _ops.grouped_mm_wgrad(a, grad, offsets) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None
-
-
-def _expert_ffn_setup(ctx, inputs, output):
-    x, permutation, offsets, inverse, w13, w2, gate, save_for_backward = inputs
-    _, h = output
-    ctx.save_for_backward(x, permutation, offsets, inverse, w13, w2, gate, h)
-    ctx.saved_h = save_for_backward
-    # h is the backward's saved state, not a differentiable result. Without these two lines
-    # autograd would hand the backward a materialised zero gradient for it: a [T*k, 2*d_ff]
-    # fill on every step (as much memory as h itself, and a fixed cost skip-token cannot cut).
-    ctx.mark_non_differentiable(h)
-    ctx.set_materialize_grads(False)
-
-
-def _expert_ffn_backward(ctx, grad_y, _grad_h):
-    if grad_y is None:  # only h was used downstream: it carries no gradient
-        return None, None, None, None, None, None, None, None
-    x, permutation, offsets, inverse, w13, w2, gate, h = ctx.saved_tensors
-    if not ctx.saved_h:
-        raise RuntimeError("fomoe.expert_ffn was called with save_for_backward=False; call it through "
-                           "fomoe.ops.expert_ffn (which decides) or pass True to differentiate it")
-    grads = _ops.expert_ffn_backward(grad_y.contiguous(), x, permutation, offsets, inverse, w13, w2, gate, h)
-    grad_x, grad_w13, grad_w2, grad_gate = grads
-    return grad_x, None, None, None, grad_w13, grad_w2, grad_gate, None
-
-
-torch.library.register_autograd("fomoe::route", _route_backward, setup_context=_route_setup)
-torch.library.register_autograd("fomoe::gather", _gather_backward, setup_context=_gather_setup)
-torch.library.register_autograd("fomoe::combine", _combine_backward, setup_context=_combine_setup)
-torch.library.register_autograd("fomoe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
-torch.library.register_autograd("fomoe::expert_ffn", _expert_ffn_backward, setup_context=_expert_ffn_setup)
 
 
 # ---- reference fallback where a build has no device kernel -----------------------------------
