@@ -161,8 +161,6 @@ at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Te
     const auto tile = pick_tile(k <= 128 || m <= 128);
     at::Tensor ws = sm90_workspace(a, g);
     check_launch(gemm::sm90_grouped_mm_wgrad(p, tile, sm_count(), ws.mutable_data_ptr(), ws.numel(), stream), op);
-    check_launch(gemm::zero_empty_groups<__nv_bfloat16>(mutable_ptr<__nv_bfloat16>(out), k * m, off, g, rows, stream),
-                 op);
     return out;
   }
   with_cuda_dtype(a.scalar_type(), op, [&](auto tag) {

@@ -71,7 +71,7 @@ bool sm90_available();
 size_t sm90_workspace_bytes(int groups, int sm_count);
 cudaError_t sm90_grouped_mm(const GroupedMm<__nv_bfloat16>& p, Sm90Tile tile, int sm_count, void* workspace,
                             size_t workspace_bytes, cudaStream_t stream);
-// Writes only the experts with rows; pair it with zero_empty_groups.
+// Writes every expert, zeros for experts without rows (at most 65535 experts).
 cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, Sm90Tile tile, int sm_count,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
@@ -89,9 +89,4 @@ cudaError_t simt_grouped_mm_wgrad(const GroupedMmWgrad<T>& p, cudaStream_t strea
 template <typename T>
 cudaError_t zero_rows_past_kept(T* out, int64_t rows, int64_t cols, const int32_t* offsets, int groups,
                                 cudaStream_t stream);
-// Zeros out[e] ([per_group] elements) for every expert e without rows.
-template <typename T>
-cudaError_t zero_empty_groups(T* out, int64_t per_group, const int32_t* offsets, int groups, int64_t rows,
-                              cudaStream_t stream);
-
 }  // namespace fomoe::cuda::gemm

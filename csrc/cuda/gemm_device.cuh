@@ -96,4 +96,11 @@ __device__ __forceinline__ void zero_bytes(char* base, int64_t begin, int64_t en
   for (int64_t i = tail_begin + worker; i < end; i += workers) base[i] = 0;
 }
 
+// Blocks of 256 threads for zero_bytes over `bytes`: enough to stream a few MB per launch,
+// few enough (at most max_blocks) that launches with nothing to zero cost next to nothing.
+inline int zero_blocks(int64_t bytes, int64_t max_blocks = 1024) {
+  const int64_t blocks = (bytes / 16 + 255) / 256;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > max_blocks ? max_blocks : blocks));
+}
+
 }  // namespace fomoe::cuda

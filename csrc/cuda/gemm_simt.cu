@@ -146,19 +146,6 @@ __global__ void zero_rows_past_kept_kernel(char* out, int64_t rows, int64_t row_
   zero_bytes(out, kept * row_bytes, rows * row_bytes, worker, static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
-__global__ void zero_empty_groups_kernel(char* out, int64_t group_bytes, const int32_t* offsets, int64_t rows) {
-  const int e = blockIdx.y;
-  if (group_rows(offsets, e, rows).size() != 0) return;
-  const int64_t worker = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  zero_bytes(out + e * group_bytes, 0, group_bytes, worker, static_cast<int64_t>(gridDim.x) * blockDim.x);
-}
-
-// Enough threads to stream a few MB per launch, few enough that idle launches cost nothing.
-int zero_blocks(int64_t bytes) {
-  const int64_t blocks = (bytes / 16 + 255) / 256;
-  return static_cast<int>(blocks < 1 ? 1 : (blocks > 1024 ? 1024 : blocks));
-}
-
 }  // namespace
 
 template <typename T>
@@ -193,23 +180,10 @@ cudaError_t zero_rows_past_kept(T* out, int64_t rows, int64_t cols, const int32_
   return last_launch_error();
 }
 
-template <typename T>
-cudaError_t zero_empty_groups(T* out, int64_t per_group, const int32_t* offsets, int groups, int64_t rows,
-                              cudaStream_t stream) {
-  if (groups == 0 || per_group == 0) return cudaSuccess;
-  if (groups > 65535) return cudaErrorInvalidConfiguration;
-  const int64_t group_bytes = per_group * static_cast<int64_t>(sizeof(T));
-  const int blocks = zero_blocks(group_bytes) < 64 ? zero_blocks(group_bytes) : 64;
-  zero_empty_groups_kernel<<<dim3(blocks, groups), 256, 0, stream>>>(reinterpret_cast<char*>(out), group_bytes,
-                                                                     offsets, rows);
-  return last_launch_error();
-}
-
 #define FOMOE_INSTANTIATE(T)                                                                                  \
   template cudaError_t simt_grouped_mm<T>(const GroupedMm<T>&, int64_t, int64_t, int64_t, cudaStream_t);       \
   template cudaError_t simt_grouped_mm_wgrad<T>(const GroupedMmWgrad<T>&, cudaStream_t);                       \
-  template cudaError_t zero_rows_past_kept<T>(T*, int64_t, int64_t, const int32_t*, int, cudaStream_t);         \
-  template cudaError_t zero_empty_groups<T>(T*, int64_t, const int32_t*, int, int64_t, cudaStream_t);
+  template cudaError_t zero_rows_past_kept<T>(T*, int64_t, int64_t, const int32_t*, int, cudaStream_t);
 FOMOE_INSTANTIATE(float)
 FOMOE_INSTANTIATE(double)
 FOMOE_INSTANTIATE(__half)

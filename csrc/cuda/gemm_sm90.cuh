@@ -22,6 +22,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/kernel_hardware_info.h>
 
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 
@@ -151,22 +152,27 @@ __global__ void prepare_grouped_mm(GroupedMm<__nv_bfloat16> p, GroupArgs<K> g) {
 }
 
 // Weight gradient: group e computes a_e^T b_e, an (k x m) GEMM over the group's rows (its K).
-// Empty groups get M = 0 (no tiles); zero_empty_groups writes their zeros.
+// Grid (zeroing blocks, groups): block (0, e) writes group e's arguments; an empty group gets
+// M = 0 (no tiles) and its zeros from all blocks of its column (the same launch, not a second).
 template <class K>
 __global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupArgs<K> g) {
-  const auto* a = reinterpret_cast<const Element*>(p.a);
-  const auto* b = reinterpret_cast<const Element*>(p.b);
-  auto* out = reinterpret_cast<Element*>(p.out);
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < p.groups; e += gridDim.x * blockDim.x) {
-    const RowRange r = group_rows(p.offsets, e, p.rows);
-    const int rows = static_cast<int>(r.size());
+  const int e = blockIdx.y;
+  const RowRange r = group_rows(p.offsets, e, p.rows);
+  const int rows = static_cast<int>(r.size());
+  auto* out = reinterpret_cast<Element*>(p.out) + static_cast<int64_t>(e) * p.k * p.m;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
     g.shapes[e] = GroupShape(rows > 0 ? static_cast<int>(p.k) : 0, static_cast<int>(p.m), rows);
-    g.a[e] = a + r.start * p.k;  // column-major (k x rows): leading dimension k
-    g.b[e] = b + r.start * p.m;  // (m x rows) with m fastest: leading dimension m
-    g.d[e] = out + static_cast<int64_t>(e) * p.k * p.m;
+    g.a[e] = reinterpret_cast<const Element*>(p.a) + r.start * p.k;  // column-major (k x rows): ld k
+    g.b[e] = reinterpret_cast<const Element*>(p.b) + r.start * p.m;  // (m x rows), m fastest: ld m
+    g.d[e] = out;
     g.stride_a[e] = leading_stride<typename K::StrideA>(p.k);
     g.stride_b[e] = leading_stride<typename K::StrideB>(p.m);
     g.stride_d[e] = leading_stride<typename K::StrideD>(p.m);
+  }
+  if (rows == 0) {
+    const int64_t worker = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    zero_bytes(reinterpret_cast<char*>(out), 0, p.k * p.m * static_cast<int64_t>(sizeof(Element)), worker,
+               static_cast<int64_t>(gridDim.x) * blockDim.x);
   }
 }
 
@@ -211,7 +217,7 @@ class SetupCache {
   }
 
  private:
-  static constexpr int kSlots = 16;  // a few layers' shapes and devices; the oldest entry goes first
+  static constexpr int kSlots = 64;  // several layers' shapes, devices and workspace addresses; the oldest goes first
   struct Slot {
     Key key{};
     Params params{};
@@ -221,11 +227,58 @@ class SetupCache {
   int used_ = 0, next_ = 0;
 };
 
+// The kernel's dynamic shared-memory opt-in, once per device (a property of the function in
+// that device's context). CUTLASS's initialize() sets it on every call; doing it per launch
+// costs host time on every GEMM and may wait for the function's queued launches.
+template <class K>
+cudaError_t opt_in_shared_memory(int device) {
+  constexpr int kSmem = K::GemmKernel::SharedStorageSize;
+  if constexpr (kSmem < (48 << 10)) {
+    return cudaSuccess;
+  } else {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<bool> done[kMaxDevices] = {};
+    const bool cached = device >= 0 && device < kMaxDevices;
+    if (cached && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+    FOMOE_RETURN_IF_ERROR(cudaFuncSetAttribute(cutlass::device_kernel<typename K::GemmKernel>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    if (cached) done[device].store(true, std::memory_order_release);
+    return cudaSuccess;
+  }
+}
+
+// What Gemm::run does for these kernels (a cluster launch of CUTLASS's device_kernel), less the
+// cudaFuncSetAttribute(NonPortableClusterSizeAllowed) it makes before every launch: our
+// clusters (2 CTAs) are portable, and a function attribute set per launch costs host time.
+template <class K>
+cudaError_t launch_cluster_kernel(const typename K::Gemm::Params& params, cudaStream_t stream) {
+  using GemmKernel = typename K::GemmKernel;
+  using Cluster = typename K::Config::Cluster;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = cute::size<0>(Cluster{});
+  cluster.val.clusterDim.y = cute::size<1>(Cluster{});
+  cluster.val.clusterDim.z = cute::size<2>(Cluster{});
+  cudaLaunchConfig_t config{};
+  config.gridDim = K::Gemm::get_grid_shape(params);
+  config.blockDim = GemmKernel::get_block_shape();
+  config.dynamicSmemBytes = GemmKernel::SharedStorageSize;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  void* args[] = {const_cast<typename K::Gemm::Params*>(&params)};
+  FOMOE_RETURN_IF_ERROR(
+      cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(&cutlass::device_kernel<GemmKernel>), args));
+  return last_launch_error();
+}
+
 template <class K>
 cudaError_t launch(int groups, const GroupArgs<K>& g, int sm_count, size_t workspace_bytes, cudaStream_t stream) {
   using Gemm = typename K::Gemm;
+  using GemmKernel = typename K::GemmKernel;
   int device = 0;
   FOMOE_RETURN_IF_ERROR(cudaGetDevice(&device));
+  FOMOE_RETURN_IF_ERROR(opt_in_shared_memory<K>(device));
   const typename SetupCache<K>::Key key{g.cutlass_workspace, groups, sm_count, device};
   typename SetupCache<K>::Params params{};
   if (!SetupCache<K>::instance().find(key, params)) {
@@ -242,20 +295,16 @@ cudaError_t launch(int groups, const GroupArgs<K>& g, int sm_count, size_t works
     args.hw_info.sm_count = sm_count;
     if (g.bytes > workspace_bytes || Gemm::get_workspace_size(args) > cutlass_workspace_bound(sm_count))
       return cudaErrorInvalidValue;
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-    if (gemm.initialize(args, g.cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+    if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+    // What Gemm::initialize does, less the function attribute (set above, once).
+    if (GemmKernel::initialize_workspace(args, g.cutlass_workspace, stream, nullptr) != cutlass::Status::kSuccess) {
       const cudaError_t err = cudaGetLastError();
       return err != cudaSuccess ? err : cudaErrorInvalidConfiguration;
     }
-    params = gemm.params();
+    params = GemmKernel::to_underlying_arguments(args, g.cutlass_workspace);
     SetupCache<K>::instance().insert(key, params);
   }
-  if (Gemm::run(params, stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-  }
-  return last_launch_error();
+  return launch_cluster_kernel<K>(params, stream);
 }
 
 inline unsigned prepare_blocks(int groups) { return static_cast<unsigned>((groups + 127) / 128); }
@@ -282,7 +331,10 @@ cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, int sm_
   if (p.groups == 0 || p.k == 0 || p.m == 0) return cudaSuccess;
   const auto g = GroupArgs<K>::carve(workspace, p.groups, sm_count);
   if (g.bytes > workspace_bytes) return cudaErrorInvalidValue;
-  prepare_grouped_mm_wgrad<K><<<prepare_blocks(p.groups), 128, 0, stream>>>(p, g);
+  if (p.groups > 65535) return cudaErrorInvalidConfiguration;  // the grid's y extent
+  const int64_t group_bytes = p.k * p.m * static_cast<int64_t>(sizeof(Element));
+  const dim3 grid(static_cast<unsigned>(zero_blocks(group_bytes, 64)), static_cast<unsigned>(p.groups));
+  prepare_grouped_mm_wgrad<K><<<grid, 256, 0, stream>>>(p, g);
   FOMOE_RETURN_IF_ERROR(last_launch_error());
   return launch<K>(p.groups, g, sm_count, workspace_bytes, stream);
 }

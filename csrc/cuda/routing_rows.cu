@@ -332,60 +332,19 @@ __global__ void __launch_bounds__(kThreads, kGateGradBlocksPerSM)
   if (bad && lane == 0) raise_error(flags, kTableEntryOutOfRange);
 }
 
-// Token-major gather: one warp per (token, row segment) loads its C vectors per lane of the
-// token row once, then stores them (scaled per slot) to each row r = inverse[t, s] whose
-// permutation entry names that assignment back. Together with unmapped_rows_kernel (every other
-// row) the result is the row-by-row kernel's for any tables: each row is written exactly once.
-template <typename T, int VEC, int C, bool kScale>
-__global__ void __launch_bounds__(kThreads, kTokenGatherBlocksPerSM)
-    gather_by_token_kernel(const T* __restrict__ x, int64_t x_stride, int64_t tokens, int k,
-                           const int32_t* __restrict__ permutation, const int32_t* __restrict__ inverse, int64_t rows,
-                           const acc_t<T>* __restrict__ scale, T* __restrict__ out, int64_t out_stride, uint32_t vpr,
-                           uint32_t segment_vectors, uint32_t segments) {
-  using V = Vec<T, VEC>;
-  using A = acc_t<T>;
-  const TokenSegment seg(tokens, vpr, segment_vectors, segments);
-  if (!seg.active) return;  // whole warps leave together
-  const int64_t t = seg.token;
-  const uint32_t lane = seg.lane, begin = seg.begin, end = seg.end;
-  const V* src = reinterpret_cast<const V*>(x + t * x_stride);
-  for (uint32_t c0 = begin + lane; c0 < end; c0 += 32 * C) {
-    V v[C];
-#pragma unroll
-    for (int u = 0; u < C; ++u) v[u] = load_if(src + c0 + u * 32, c0 + u * 32 < end);
-    for (int s = 0; s < k; ++s) {
-      const int64_t a = t * k + s;
-      const int32_t r = __ldg(inverse + a);  // the same words in every lane: broadcasts, warp-uniform
-      if (r < 0 || r >= rows || __ldg(permutation + r) != a) continue;
-      V* dst = reinterpret_cast<V*>(out + int64_t(r) * out_stride);
-      [[maybe_unused]] const A g = kScale ? __ldg(scale + a) : A(1);
-#pragma unroll
-      for (int u = 0; u < C; ++u) {
-        if (c0 + u * 32 >= end) continue;
-        V w = v[u];
-        if constexpr (kScale) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(v[u].v[e])));
-        }
-        store_streaming(dst + c0 + u * 32, w);
-      }
-    }
-  }
-}
-
 // One warp per output row: the rows gather_by_token_kernel does not write. A row whose entry p
 // is valid but not named back by inverse[p] is copied here; p == -1 gives zeros (when asked
 // for); entries outside [-1, assignments) raise the flag and count as -1. For tables from
 // dispatch only the skipped rows get here: the rest of the warps read two words and leave.
 template <typename T, int VEC, bool kScale>
-__global__ void __launch_bounds__(kThreads)
-    unmapped_rows_kernel(const T* __restrict__ x, int64_t x_stride, int64_t assignments, int k,
-                         const int32_t* __restrict__ permutation, const int32_t* __restrict__ inverse, int64_t rows,
-                         const acc_t<T>* __restrict__ scale, T* __restrict__ out, int64_t out_stride, uint32_t vpr,
-                         bool zero_skipped, uint32_t* flags) {
+__device__ __forceinline__ void unmapped_rows(int64_t block, const T* __restrict__ x, int64_t x_stride,
+                                              int64_t assignments, int k, const int32_t* __restrict__ permutation,
+                                              const int32_t* __restrict__ inverse, int64_t rows,
+                                              const acc_t<T>* __restrict__ scale, T* __restrict__ out,
+                                              int64_t out_stride, uint32_t vpr, bool zero_skipped, uint32_t* flags) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const int64_t j = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t j = (block * kThreads + threadIdx.x) / 32;
   const uint32_t lane = threadIdx.x % 32;
   if (j >= rows) return;  // whole warps leave together
   const int p = __ldg(permutation + j);
@@ -403,6 +362,65 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(w.v[e])));
     }
     store_streaming(dst + c, w);
+  }
+}
+
+// Token-major gather: one warp per (token, row segment) loads its C vectors per lane of the
+// token row once, then stores them (scaled per slot) to each row r = inverse[t, s] whose
+// permutation entry names that assignment back. The blocks past token_blocks run
+// unmapped_rows over every other row (one launch for both passes), so the result is the
+// row-by-row kernel's for any tables: each row is written exactly once.
+template <typename T, int VEC, int C, bool kScale>
+__global__ void __launch_bounds__(kThreads, kTokenGatherBlocksPerSM)
+    gather_by_token_kernel(const T* __restrict__ x, int64_t x_stride, int64_t tokens, int k,
+                           const int32_t* __restrict__ permutation, const int32_t* __restrict__ inverse, int64_t rows,
+                           const acc_t<T>* __restrict__ scale, T* __restrict__ out, int64_t out_stride, uint32_t vpr,
+                           uint32_t segment_vectors, uint32_t segments, uint32_t token_blocks, bool zero_skipped,
+                           uint32_t* flags) {
+  using V = Vec<T, VEC>;
+  using A = acc_t<T>;
+  if (blockIdx.x >= token_blocks) {
+    unmapped_rows<T, VEC, kScale>(blockIdx.x - token_blocks, x, x_stride, tokens * k, k, permutation, inverse, rows,
+                                  scale, out, out_stride, vpr, zero_skipped, flags);
+    return;
+  }
+  const TokenSegment seg(tokens, vpr, segment_vectors, segments);
+  if (!seg.active) return;  // whole warps leave together
+  const int64_t t = seg.token;
+  const uint32_t lane = seg.lane, begin = seg.begin, end = seg.end;
+  const auto writes_row = [&](int s, int32_t& r) {
+    const int64_t a = t * k + s;
+    r = __ldg(inverse + a);  // the same words in every lane: broadcasts, warp-uniform
+    return r >= 0 && r < rows && __ldg(permutation + r) == a;
+  };
+  // A token whose assignments are all skipped is not read at all (skip-token saves its reads).
+  bool any = false;
+  for (int s = 0; s < k && !any; ++s) {
+    int32_t r;
+    any = writes_row(s, r);
+  }
+  if (!any) return;
+  const V* src = reinterpret_cast<const V*>(x + t * x_stride);
+  for (uint32_t c0 = begin + lane; c0 < end; c0 += 32 * C) {
+    V v[C];
+#pragma unroll
+    for (int u = 0; u < C; ++u) v[u] = load_if(src + c0 + u * 32, c0 + u * 32 < end);
+    for (int s = 0; s < k; ++s) {
+      int32_t r;
+      if (!writes_row(s, r)) continue;
+      V* dst = reinterpret_cast<V*>(out + int64_t(r) * out_stride);
+      [[maybe_unused]] const A g = kScale ? __ldg(scale + t * k + s) : A(1);
+#pragma unroll
+      for (int u = 0; u < C; ++u) {
+        if (c0 + u * 32 >= end) continue;
+        V w = v[u];
+        if constexpr (kScale) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(v[u].v[e])));
+        }
+        store_streaming(dst + c0 + u * 32, w);
+      }
+    }
   }
 }
 
@@ -430,22 +448,18 @@ cudaError_t launch_gather_by_token(const GatherRows& p, uint32_t vpr, cudaStream
   constexpr int C = kTokenGatherVectors;
   const uint32_t segment_vectors = 32 * C;   // one warp-wide step per segment: many small work items
   const uint32_t segments = static_cast<uint32_t>(ceil_div(vpr, segment_vectors));
-  const int64_t blocks = ceil_div(p.tokens * segments, kThreads / 32);
+  const int64_t token_blocks = ceil_div(p.tokens * segments, kThreads / 32);
   const int64_t row_blocks = ceil_div(p.rows, kThreads / 32);
-  if (!grid_ok(blocks) || !grid_ok(row_blocks)) return cudaErrorInvalidValue;
+  if (!grid_ok(token_blocks + row_blocks)) return cudaErrorInvalidValue;
   const auto* x = static_cast<const T*>(p.x);
   const auto* scale = static_cast<const acc_t<T>*>(p.scale);
   auto* out = static_cast<T*>(p.out);
   const int k = static_cast<int>(p.top_k);
   const auto run = [&](auto scaled) -> cudaError_t {
     constexpr bool kScale = decltype(scaled)::value;
-    unmapped_rows_kernel<T, VEC, kScale><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
-        x, p.x_stride, p.tokens * p.top_k, k, p.permutation, p.inverse, p.rows, scale, out, p.out_stride, vpr,
-        p.zero_skipped_rows, p.error_flags);
-    if (cudaError_t e = last_launch_error(); e != cudaSuccess) return e;
-    gather_by_token_kernel<T, VEC, C, kScale><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    gather_by_token_kernel<T, VEC, C, kScale><<<static_cast<unsigned>(token_blocks + row_blocks), kThreads, 0, stream>>>(
         x, p.x_stride, p.tokens, k, p.permutation, p.inverse, p.rows, scale, out, p.out_stride, vpr, segment_vectors,
-        segments);
+        segments, static_cast<uint32_t>(token_blocks), p.zero_skipped_rows, p.error_flags);
     return last_launch_error();
   };
   return scale != nullptr ? run(std::true_type{}) : run(std::false_type{});
