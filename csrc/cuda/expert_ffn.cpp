@@ -27,36 +27,16 @@
 #include "cuda/expert_ffn.h"
 #include "cuda/gemm_glue.h"
 #include "cuda/routing.h"
+#include "cuda/routing_glue.h"
 
 namespace fomoe::cuda {
 namespace {
-
-routing::DType routing_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return routing::DType::kFloat32;
-    case at::kDouble: return routing::DType::kFloat64;
-    case at::kBFloat16: return routing::DType::kBFloat16;
-    case at::kHalf: return routing::DType::kFloat16;
-    default: FOMOE_CHECK(false, "fomoe.expert_ffn: unsupported dtype ", t);
-  }
-}
 
 // Rows of x [tokens, d] into expert order (out [rows, d]); rows of skipped assignments (past
 // the kept count) are left as they are: nothing reads them.
 void gather_into(const char* op, const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& inverse,
                  at::Tensor& out, cudaStream_t stream) {
-  routing::GatherRows p;
-  p.x = x.const_data_ptr();
-  p.x_stride = x.size(1);
-  p.tokens = x.size(0);
-  p.top_k = inverse.size(1);
-  p.permutation = permutation.const_data_ptr<int32_t>();
-  p.inverse = inverse.const_data_ptr<int32_t>();
-  p.rows = permutation.numel();
-  p.out = out.mutable_data_ptr();
-  p.out_stride = out.size(1);
-  p.d = x.size(1);
-  p.dtype = routing_dtype(x.scalar_type());
+  auto p = gather_rows_args(op, x, permutation, inverse, at::Tensor(), out);
   p.zero_skipped_rows = false;
   check_launch(routing::gather_rows(p, stream), op);
 }
@@ -64,19 +44,7 @@ void gather_into(const char* op, const at::Tensor& x, const at::Tensor& permutat
 // y[t] = sum_s gate[t, s] * rows[inverse[t, s]] (gate may be undefined: weights of 1).
 void combine_into(const char* op, const at::Tensor& rows, const at::Tensor& inverse, const at::Tensor& gate,
                   at::Tensor& y, cudaStream_t stream) {
-  routing::CombineRows p;
-  p.rows = rows.const_data_ptr();
-  p.rows_stride = rows.size(1);
-  p.num_rows = rows.size(0);
-  p.inverse = inverse.const_data_ptr<int32_t>();
-  p.tokens = inverse.size(0);
-  p.top_k = inverse.size(1);
-  p.gate = gate.defined() ? gate.const_data_ptr() : nullptr;
-  p.out = y.mutable_data_ptr();
-  p.out_stride = y.size(1);
-  p.d = y.size(1);
-  p.dtype = routing_dtype(rows.scalar_type());
-  check_launch(routing::combine_rows(p, stream), op);
+  check_launch(routing::combine_rows(combine_rows_args(op, rows, inverse, gate, y), stream), op);
 }
 
 void check_all_cuda(const char* op, std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {

@@ -16,21 +16,12 @@
 #include "checks.h"
 #include "cuda/glue.h"
 #include "cuda/routing.h"
+#include "cuda/routing_glue.h"
 
 namespace fomoe::cuda {
 namespace {
 
 namespace rt = fomoe::cuda::routing;
-
-rt::DType routing_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return rt::DType::kFloat32;
-    case at::kDouble: return rt::DType::kFloat64;
-    case at::kBFloat16: return rt::DType::kBFloat16;
-    case at::kHalf: return rt::DType::kFloat16;
-    default: FOMOE_CHECK(false, "fomoe.", op, ": unsupported dtype ", t, " (want float32, float64, bfloat16 or float16)");
-  }
-}
 
 rt::Score routing_score(c10::string_view name) {
   return parse_score(name) == Score::Softmax ? rt::Score::kSoftmax : rt::Score::kSigmoid;
@@ -146,19 +137,7 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, const 
   const int64_t n = perm.numel(), d = x.size(1);
   auto out = at::empty({n, d}, x.options());
   const DeviceErrorCheck errors("gather", x);
-  rt::GatherRows p;
-  p.x = x.data_ptr();
-  p.x_stride = d;
-  p.tokens = x.size(0);
-  p.top_k = inv.size(1);
-  p.permutation = perm.data_ptr<int32_t>();
-  p.inverse = inverse.data_ptr<int32_t>();
-  p.rows = n;
-  p.scale = scale ? scale->data_ptr() : nullptr;
-  p.out = out.data_ptr();
-  p.out_stride = d;
-  p.d = d;
-  p.dtype = routing_dtype("gather", x.scalar_type());
+  auto p = gather_rows_args("gather", x, perm, inverse, scale.value_or(at::Tensor()), out);
   p.error_flags = errors.word();
   check_launch(rt::gather_rows(p, current_stream()), "gather");
   errors.finish("limit=tokens*top_k=" + std::to_string(inv.numel()));
@@ -177,18 +156,7 @@ at::Tensor combine_cuda(const at::Tensor& rows_in, const at::Tensor& perm, const
   const int64_t T = inv.size(0), d = rows.size(1);
   auto out = at::empty({T, d}, rows.options());
   const DeviceErrorCheck errors("combine", rows);
-  rt::CombineRows p;
-  p.rows = rows.data_ptr();
-  p.rows_stride = d;
-  p.num_rows = rows.size(0);
-  p.inverse = inv.data_ptr<int32_t>();
-  p.tokens = T;
-  p.top_k = inv.size(1);
-  p.gate = gate ? gate->data_ptr() : nullptr;
-  p.out = out.data_ptr();
-  p.out_stride = d;
-  p.d = d;
-  p.dtype = routing_dtype("combine", rows.scalar_type());
+  auto p = combine_rows_args("combine", rows, inv, gate.value_or(at::Tensor()), out);
   p.error_flags = errors.word();
   check_launch(rt::combine_rows(p, current_stream()), "combine");
   errors.finish("limit=rows=" + std::to_string(rows.size(0)));
