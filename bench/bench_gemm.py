@@ -37,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fomoe  # noqa: E402
 from fomoe import ops  # noqa: E402
+from graph_timing import graph_replay_ms  # noqa: E402
 
 SHAPES = [(8192, 4096, 14336, 8, 2), (16384, 2048, 768, 128, 8), (16384, 1024, 2048, 16, 2)]
 BARS = {(8192, 4096, 14336, 8, 2): 1.0, (16384, 2048, 768, 128, 8): 1.5, (16384, 1024, 2048, 16, 2): 1.3}
@@ -203,33 +204,13 @@ def host_enqueue_ms(fn, device, reps=5) -> float:
     return statistics.median(times)
 
 
-def graph_replay_ms(fn, device, reps=20) -> float | None:
+def graph_ms(fn, reps=20) -> float | None:
     """Median milliseconds per replay of fn() captured in a CUDA graph: device time only."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        return graph_replay_ms([fn], reps, warmups=2)
     except Exception as exc:  # report it and keep measuring the rest
         print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc})", flush=True)
         return None
-    graph.replay()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times)
 
 
 def kernel_name(name: str) -> str:
@@ -343,8 +324,8 @@ def bench_shape(shape, device, with_loop=True, with_portable=True, gen_seed=0):
     skip = dict(resident=int(held.numel()), kept_fraction=frac, full_ms=t_full, half_ms=t_half)
     if device.type == "cuda":
         skip.update(full_b2b_ms=back_to_back_ms(fwd_bwd_full, device), half_b2b_ms=back_to_back_ms(fwd_bwd_half, device),
-                    full_graph_ms=graph_replay_ms(fwd_bwd_full, device),
-                    half_graph_ms=graph_replay_ms(fwd_bwd_half, device),
+                    full_graph_ms=graph_ms(fwd_bwd_full),
+                    half_graph_ms=graph_ms(fwd_bwd_half),
                     full_host_ms=host_enqueue_ms(fwd_bwd_full, device),
                     half_host_ms=host_enqueue_ms(fwd_bwd_half, device),
                     full_profile_us=profile_breakdown_us(fwd_bwd_full, device),

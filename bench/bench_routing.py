@@ -34,6 +34,7 @@ import torch
 
 import fomoe
 from fomoe import ops
+from graph_timing import graph_replay_ms
 
 BF16 = torch.bfloat16
 
@@ -42,29 +43,9 @@ BF16 = torch.bfloat16
 
 def graph_us(calls_over_sets, iters=15, calls=24):
     """Median device time per call of a CUDA graph replaying `calls` calls round-robin."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls_over_sets:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
     calls = max(calls, len(calls_over_sets))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            calls_over_sets[i % len(calls_over_sets)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
+    sequence = [calls_over_sets[i % len(calls_over_sets)] for i in range(calls)]
+    return graph_replay_ms(sequence, iters) * 1e3 / calls
 
 
 _flush = None
