@@ -22,6 +22,14 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// v * g element by element, rounded once per element (the gather's per-assignment scale).
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> v, acc_t<T> g) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) v.v[e] = from_acc<T>(mul_rn(g, to_acc(v.v[e])));
+  return v;
+}
+
 // Outputs are written once and not read back by these kernels: streaming stores (evict-first in
 // L2) leave the cache to the inputs that are read several times (gather's token rows).
 template <typename V>
@@ -84,10 +92,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int u = 0; u < kGatherUnroll; ++u) {
     if (!store[u]) continue;
-    if constexpr (kScale) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) val[u].v[e] = from_acc<T>(mul_rn(s[u], to_acc(val[u].v[e])));
-    }
+    if constexpr (kScale) val[u] = scaled(val[u], s[u]);
     store_streaming(reinterpret_cast<V*>(out + dst[u]), val[u]);
   }
   if (bad) raise_error(flags, kTableEntryOutOfRange);
@@ -356,12 +361,8 @@ __device__ __forceinline__ void unmapped_rows(int64_t block, const T* __restrict
   [[maybe_unused]] const A g = kScale && valid ? __ldg(scale + p) : A(1);
   V* dst = reinterpret_cast<V*>(out + j * out_stride);
   for (uint32_t c = lane; c < vpr; c += 32) {
-    V w = load_if(src + c, valid);
-    if constexpr (kScale) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(w.v[e])));
-    }
-    store_streaming(dst + c, w);
+    const V w = load_if(src + c, valid);
+    store_streaming(dst + c, kScale ? scaled(w, g) : w);
   }
 }
 
@@ -413,12 +414,7 @@ __global__ void __launch_bounds__(kThreads, kTokenGatherBlocksPerSM)
 #pragma unroll
       for (int u = 0; u < C; ++u) {
         if (c0 + u * 32 >= end) continue;
-        V w = v[u];
-        if constexpr (kScale) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) w.v[e] = from_acc<T>(mul_rn(g, to_acc(v[u].v[e])));
-        }
-        store_streaming(dst + c0 + u * 32, w);
+        store_streaming(dst + c0 + u * 32, kScale ? scaled(v[u], g) : v[u]);
       }
     }
   }
