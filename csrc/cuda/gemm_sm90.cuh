@@ -176,11 +176,11 @@ __global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupA
   }
 }
 
-// CUTLASS's host-side setup of a launch (TMA descriptor encoding, the kernel's shared-memory
-// attribute) is a pure function of the argument block, and that depends only on the workspace
-// address, the group count, the SM count and the device (shapes, operand pointers and strides
-// all live in the workspace). A training loop gets the same workspace back from the caching
-// allocator every step, so the setup is kept per variant and reused: a hit only launches.
+// CUTLASS's host-side setup of a launch (its kernel parameters: TMA descriptor templates,
+// scheduler arguments) is a pure function of the argument block, and that depends only on the
+// workspace address, the group count, the SM count and the device (shapes, operand pointers and
+// strides all live in the workspace). The caching allocator often hands a training loop the same
+// workspaces step after step, so the setup is kept per variant and reused: a hit only launches.
 template <class K>
 class SetupCache {
  public:

@@ -90,7 +90,8 @@ struct GatherRows {
   // Optional: the inverse of `permutation` ([tokens, top_k], the expert-order row of each
   // assignment or -1). With it, large batches are gathered token by token: each token row is
   // read once and written to its rows (the row-by-row kernel reads it top_k times, from DRAM
-  // once the token rows outgrow L2). Its entries must agree with `permutation`.
+  // once the token rows outgrow L2). The result is the row-by-row one for any tables: rows whose
+  // permutation entry the inverse does not name back are copied row by row.
   const int32_t* inverse = nullptr;
   void* out = nullptr;                   // [rows, d]
   int64_t out_stride = 0;
