@@ -609,19 +609,25 @@ def agree(tag: str, config: dict, what: str = "configuration", error: str | None
     errors = [(r, d["error"]) for r, d in sorted(everyone.items()) if d["error"] is not None]
     if errors:
         raise ValueError(f"invalid {what}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
-    first = min(everyone)
-    ref = everyone[first]["config"]
+    lines = disagreements({r: d["config"] for r, d in everyone.items()})
+    if lines:
+        raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))
+
+
+def disagreements(configs: dict[int, dict]) -> list[str]:
+    """One line for each rank whose ``configs`` entry differs from the lowest rank's, naming
+    every differing field by its path (``train.model.num_experts``)."""
+    first = min(configs)
     lines = []
-    for r, d in sorted(everyone.items()):
-        diff = _differences(d["config"], ref)
+    for r, config in sorted(configs.items()):
+        diff = _differences(config, configs[first])
         if diff:
             # A long list of differences (or one huge value) would bury the first, telling one.
             shown, more = diff[:MAX_DIFFERENCES_SHOWN], len(diff) - MAX_DIFFERENCES_SHOWN
             line = (f"rank {r} has " + ", ".join(f"{k}={_short_repr(a)}" for k, a, _ in shown)
                     + f" where rank {first} has " + ", ".join(f"{k}={_short_repr(b)}" for k, _, b in shown))
             lines.append(line + (f" (and {more} more differences)" if more > 0 else ""))
-    if lines:
-        raise ValueError(f"workers disagree on the {what}: " + "; ".join(lines))
+    return lines
 
 
 MAX_DIFFERENCES_SHOWN = 8

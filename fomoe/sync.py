@@ -22,6 +22,7 @@ every worker holds). Inside a bucket: dense parameters in model order, then expe
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -452,7 +453,6 @@ class SyncManager:
         return out
 
     def _check_identical_start(self) -> None:
-        import json
         everyone = [json.loads(t) for t in comm.gather_text("initial-state", json.dumps(self._checksums()))]
         problems = []
         if len({d["dense"] for d in everyone}) > 1:
@@ -474,7 +474,7 @@ class SyncManager:
         """One inner step (after ``loss.backward()``); returns the sync record if it communicated."""
         record = None
         if self.method == "ddp":
-            record = self._allreduce_grads()
+            record = self._timed_round()   # this step's gradients
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.inner_optimizer.step()
@@ -488,12 +488,9 @@ class SyncManager:
         """An outer round now: pseudo-gradients averaged, outer step, θ_local ← θ_global."""
         if self.method == "ddp":
             raise RuntimeError("ddp has no outer sync")
-        start = time.perf_counter()
-        with torch.no_grad():
-            pending = self._run_round()
-        return self._record(pending["collectives"], start)
+        return self._timed_round()
 
-    def _allreduce_grads(self) -> dict:
+    def _timed_round(self) -> dict:
         start = time.perf_counter()
         with torch.no_grad():
             pending = self._run_round()
@@ -749,8 +746,7 @@ class SyncManager:
                 self._exchanges += 1
                 return out
             except comm.MembershipChange:
-                with torch.no_grad():
-                    self._recover(None)
+                self.recover()
                 if max(st["exchanges"] for st in self._last_status.values()) > self._exchanges:
                     self._exchanges += 1
                     return None
@@ -766,7 +762,6 @@ class SyncManager:
         """Agree on the live workers, then bring this worker's round to a state every survivor
         shares, and hand the state to joiners. Returns "applied" if this worker applied its
         pending round here, else "retry"."""
-        import json
         while True:
             try:
                 live = self.transport.recover()
@@ -808,13 +803,9 @@ class SyncManager:
                 continue
 
     def _check_statuses(self, status: dict) -> None:
-        first = min(status)
-        base = status[first]
-        for r, st in sorted(status.items()):
-            diff = comm._differences({"code": st["code"], **st["config"]}, {"code": base["code"], **base["config"]})
-            if diff:
-                raise ValueError(f"rank {r} cannot take part in this run: " + ", ".join(
-                    f"{k}={a!r} where rank {first} has {b!r}" for k, a, b in diff))
+        lines = comm.disagreements({r: {"code": st["code"], **st["config"]} for r, st in status.items()})
+        if lines:
+            raise ValueError("a worker cannot take part in this run: " + "; ".join(lines))
         progress = {st["progress"] for st in status.values() if not st["joining"]}
         if progress and max(progress) - min(progress) > 1:
             raise RuntimeError(f"workers are more than one round apart after a membership change: {sorted(progress)}")
@@ -889,9 +880,8 @@ class SyncManager:
                 p.detach().copy_(self._global_of[id(p)])
             self._reset_routing_counts()
             self._joining = False
-            self._contributes = behind != ahead   # else: silent in the round the others run again now
-            # silent: the others run this round again now and this worker takes part without an
-            # update of its own (it has none yet).
+            # Silent (no update of its own yet) when the others now run their round again.
+            self._contributes = behind != ahead
             self.events.append({"event": "joined", "round": self.round, "step": self.inner_step,
                                 "time": time.time(), "live": list(self.live), "silent": not self._contributes})
 
