@@ -265,16 +265,15 @@ class RoutingMonitor:
             self.assignments += assignments
 
     def round_metrics(self, reduce=None) -> dict:
-        """Metrics of the round over all workers (one small all-reduce, or ``reduce(packed)``
-        returning the sum over workers); resets the accumulators."""
+        """Metrics of the round; resets the accumulators. ``reduce(packed)`` returns the sum of
+        the packed accumulators over all workers (the run's ``sum_over_workers``); without it, or
+        when it returns None, the metrics are this worker's own."""
         top1 = torch.stack([b.top1_counts for b in self.model.blocks]).double()
         packed = torch.cat([self.load.reshape(-1), top1.reshape(-1), self.skipped.reshape(1),
                             self.load.new_tensor([float(self.assignments)])])
         if reduce is not None:
             summed = reduce(packed)
-            packed = summed if summed is not None else packed   # None: this worker's own metrics only
-        elif dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(packed)
+            packed = summed if summed is not None else packed
         n = self.L * self.E
         load = packed[:n].reshape(self.L, self.E)
         top1 = packed[n:2 * n].reshape(self.L, self.E)
@@ -482,8 +481,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
         if not resume:
             _write_config(run_dir, cfg, model_cfg, placement, data)
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if rank == 0 else None
-    tokens_per_step = world * cfg.batch_size * cfg.seq_len
-    tokens_seen = start_step * tokens_per_step
+    tokens_seen = start_step * world * cfg.batch_size * cfg.seq_len
 
     def lead(live=None) -> bool:
         # Rank 0 writes the run directory; after its loss, the lowest live rank takes over.
@@ -549,7 +547,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
         evaluate_global({"step": 0, "tokens": 0, "loss": None, "tokens_per_s": 0.0, "bytes_sent": 0.0,
                          "bytes_recv": 0.0, "lr": 0.0, "time": 0.0})
     compute_s = float(prior.get("compute_s", 0.0))
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter(), "step0": start_step}
+    window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": time.perf_counter()}
     loop_start = time.perf_counter()
 
     def final_exchange(text: str) -> dict | None:
@@ -598,12 +596,13 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
                 now = time.perf_counter()
                 if packed is not None:
                     workers = float(packed[5])   # those that reported (fewer after a loss)
-                    tokens_seen += int(packed[2]) * cfg.batch_size * cfg.seq_len
-                    tokens = done * tokens_per_step if not tolerant else tokens_seen
+                    # Tokens the reporting workers trained since the last line (every worker's
+                    # steps unless some were lost).
+                    window_tokens = int(packed[2]) * cfg.batch_size * cfg.seq_len
+                    tokens_seen += window_tokens
                     last_loss = float(packed[0] / packed[2])
-                    last_tps = tokens_per_step * (done - window["step0"]) / max(now - window["t0"], 1e-9) \
-                        if not tolerant else int(packed[2]) * cfg.batch_size * cfg.seq_len / max(now - window["t0"], 1e-9)
-                    base = {"step": done, "tokens": tokens, "loss": last_loss, "tokens_per_s": last_tps,
+                    last_tps = window_tokens / max(now - window["t0"], 1e-9)
+                    base = {"step": done, "tokens": tokens_seen, "loss": last_loss, "tokens_per_s": last_tps,
                             "bytes_sent": float(packed[3]) / workers, "bytes_recv": float(packed[4]) / workers,
                             "lr": lr, "time": now - loop_start + float(prior.get("elapsed_s", 0.0))}
                     if lead():
@@ -611,7 +610,7 @@ def run_worker(ctx, cfg_dict: dict, resume: bool = False, token: str | None = No
                         if bar is not None:
                             bar.set_postfix_str(f"loss {last_loss:.3f}  {last_tps:,.0f} tok/s  "
                                                 f"comm {base['bytes_sent'] / 2 ** 20:,.1f} MiB/worker", refresh=False)
-                window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": now, "step0": done}
+                window = {"loss": 0.0, "aux": 0.0, "n": 0, "t0": now}
                 if is_round:
                     routing = monitor.round_metrics(reduce=sum_over_workers)
                     if lead() and packed is not None:
