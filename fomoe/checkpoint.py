@@ -188,8 +188,6 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = checkpoints_dir(run_dir)
     step_dir = root / _step_name(step)
-    live = comm.live_ranks() if world_size > 1 else (0,)
-    writer = min(live)   # writes the manifest: rank 0 unless it was lost
 
     try:
         step_dir.mkdir(parents=True, exist_ok=True)
@@ -211,8 +209,9 @@ def save(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, sync_
     got = gather(f"ckpt-{step}", json.dumps(mine)) if world_size > 1 else {"0": json.dumps(mine)}
     skipped = got is None
     shards = {int(r): json.loads(t) for r, t in (got or {}).items()}
-    if shards:
-        writer = min(shards)   # the live ranks that took part (a rank lost before is not waited for)
+    # The lowest rank taking part writes the manifest: rank 0 unless it was lost (a rank lost
+    # before the exchange is not waited for).
+    writer = min(shards) if shards else None
     errors = [s["error"] for _, s in sorted(shards.items()) if "error" in s]
     outcome = "ok"
     if skipped:
