@@ -6,12 +6,18 @@ busy (so enqueueing never waits on the GPU), the GPU time of the same work, the 
 launched, and the operators with the most host time. When the host time exceeds the GPU time,
 a step of that layer is bound by the host, and faster kernels do not show in tokens/s.
 
-    python bench/profile_layer.py [--config 16e-top2] [--json PATH] [--smoke]
+``--whole-step`` profiles instead a whole training step of bench_training's LM (forward,
+backward, AdamW) per implementation and residency: its wall time, the summed kernel time (the
+difference is GPU idle time), and the kernels with the most GPU time, so the part of the step
+outside the MoE layers can be read kernel by kernel.
+
+    python bench/profile_layer.py [--config 16e-top2] [--json PATH] [--smoke] [--whole-step]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -89,6 +95,66 @@ def profile(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, reps:
             "gpu_kernels": [(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 4)) for e in top_gpu]}
 
 
+def profile_step(config: dict, impl: str, fraction: float, batch: int, seq_len: int, device: torch.device,
+                 reps: int) -> dict:
+    """One LM training step (bench_training's model, lr 0): wall, kernel sum, top kernels."""
+    torch.manual_seed(0)
+    model = bt.build(config, impl, fraction, seq_len, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device, generator=gen)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ce, aux = model.loss(tokens)
+        (ce + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync()
+    wall_ms = (time.perf_counter() - start) * 1e3 / reps
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.self_device_time_total for e in on_gpu) / 1e3
+    top = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)[:30]
+    del model, opt
+    return {"impl": impl, "resident": fraction, "wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms,
+            "kernels": sum(e.count for e in on_gpu),
+            "gpu_kernels": [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
+
+
+def main_whole_step(args, config: dict, device: torch.device) -> int:
+    batch, seq_len = (2, 64) if args.smoke else (16, 1024)
+    rows = []
+    print(f"{device}, {args.config if not args.smoke else 'smoke'}, {batch}x{seq_len} tokens; one training step")
+    for fraction in bt.FRACTIONS:
+        for impl in ("fomoe", "torch"):
+            r = profile_step(config, impl, fraction, batch, seq_len, device, 2 if args.smoke else 5)
+            rows.append(r)
+            print(f"{impl:6s} resident {fraction:.2f}: wall {r['wall_ms']:.2f} ms, kernels {r['gpu_kernel_ms']:.2f} ms "
+                  f"({r['kernels']} launches)", flush=True)
+            for name, count, ms in r["gpu_kernels"]:
+                print(f"    {ms:8.3f} ms x{count:<4d} {name}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "config": args.config, "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="16e-top2", help=f"one of {', '.join(bt.CONFIGS)}")
@@ -96,10 +162,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU when there is no GPU)")
     ap.add_argument("--kernels", action="store_true", help="list every kernel with its GPU time")
+    ap.add_argument("--whole-step", action="store_true", help="profile a whole LM training step instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = bt.CONFIGS["smoke" if args.smoke else args.config]
+    if args.whole_step:
+        return main_whole_step(args, config, device)
     tokens = 256 if args.smoke else args.tokens
     reps = 2 if args.smoke else args.reps
     rows = []
