@@ -54,7 +54,7 @@ def routing_round_trip(T, E, k, held, d, gen, dtype=torch.bfloat16, ids=None):
 
 
 def other_ops(gen):
-    """Grouped GEMM and expert FFN, where this build has CUDA kernels for them."""
+    """Grouped GEMM, expert FFN and rotary, where this build has CUDA kernels for them."""
     T, E, k, d, f = 37, 4, 2, 64, 32
     perm, offsets, inv = ops.dispatch(torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32).cuda(),
                                       resident(E, [0, 2, 3]), 3)
@@ -76,6 +76,15 @@ def other_ops(gen):
         y = ops.expert_ffn(xs, perm, offsets, inv, w13s, w2s, gs)
         y.float().square().sum().backward()
         ran.append("expert_ffn(+backward)")
+    if "rotary" not in ops.reference_fallbacks():
+        B, S, H, D = 3, 17, 5, 24
+        cos, sin = torch.rand(S, D // 2, generator=gen).cuda(), torch.rand(S, D // 2, generator=gen).cuda()
+        qkv = torch.randn(B, S, 3, H, D, generator=gen).to(torch.bfloat16).cuda()
+        ops.rotary(qkv[:, :, :2].reshape(B, S, 2 * H, D), cos, sin)           # strided view, 16-byte path
+        storage = torch.randn(B * S * H * D + 1, generator=gen).cuda()
+        ops.rotary(storage[1:].view(B, S, H, D), cos, sin, True)              # misaligned: element path
+        ops.rotary(torch.randn(B, D, S, H, generator=gen).cuda().permute(0, 2, 3, 1), cos, sin)  # head_dim strided
+        ran.append("rotary")
     return ran
 
 

@@ -33,6 +33,7 @@ using ExpertFfnSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, co
 using ExpertFfnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&);
+using RotarySig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool);
 
 // Each handle is looked up at its first call (the library is fully registered by then).
 #define FOMOE_OP(fn, Sig, name)                      \
@@ -49,6 +50,7 @@ FOMOE_OP(grouped_mm_op, GroupedSig, "fomoe::grouped_mm")
 FOMOE_OP(grouped_mm_wgrad_op, GroupedSig, "fomoe::grouped_mm_wgrad")
 FOMOE_OP(expert_ffn_op, ExpertFfnSig, "fomoe::expert_ffn")
 FOMOE_OP(expert_ffn_backward_op, ExpertFfnBackwardSig, "fomoe::expert_ffn_backward")
+FOMOE_OP(rotary_op, RotarySig, "fomoe::rotary")
 #undef FOMOE_OP
 
 OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
@@ -166,6 +168,23 @@ struct ExpertFfn : torch::autograd::Function<ExpertFfn> {
   }
 };
 
+// A rotation's adjoint is the rotation by the negated angle: the backward is the same op.
+// The tables are constants (no gradient).
+struct Rotary : torch::autograd::Function<Rotary> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                               bool inverse) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["inverse"] = inverse;
+    return {rotary_op().call(x, cos, sin, inverse)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto grad_x = rotary_op().call(grads[0], saved[0], saved[1], !ctx->saved_data["inverse"].toBool());
+    return {grad_x, Tensor(), Tensor(), Tensor()};
+  }
+};
+
 // ---- the Autograd kernels (the schema's signatures) -----------------------------------------
 
 std::tuple<Tensor, Tensor> route_autograd(const Tensor& logits, int64_t top_k, c10::string_view score,
@@ -195,6 +214,10 @@ std::tuple<Tensor, Tensor> expert_ffn_autograd(const Tensor& x, const Tensor& pe
   return {out[0], out[1]};
 }
 
+Tensor rotary_autograd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
+  return Rotary::apply(x, cos, sin, inverse)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fomoe, Autograd, m) {
@@ -203,6 +226,7 @@ TORCH_LIBRARY_IMPL(fomoe, Autograd, m) {
   m.impl("combine", &combine_autograd);
   m.impl("grouped_mm", &grouped_mm_autograd);
   m.impl("expert_ffn", &expert_ffn_autograd);
+  m.impl("rotary", &rotary_autograd);
 }
 
 }  // namespace fomoe

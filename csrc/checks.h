@@ -214,4 +214,18 @@ inline void check_expert_ffn(const at::Tensor& x, const at::Tensor& permutation,
   check_gate(op, gate, inverse, x);
 }
 
+inline void check_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  FOMOE_CHECK(x.dim() == 4, "fomoe.rotary: x must be 4-D [batch, seq, heads, head_dim], got shape ", x.sizes());
+  FOMOE_CHECK(x.size(3) % 2 == 0, "fomoe.rotary: head_dim must be even, got ", x.size(3));
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()), "fomoe.rotary: x must be floating, got ", x.scalar_type());
+  for (const auto* t : {&cos, &sin}) {
+    FOMOE_CHECK(t->dim() == 2 && t->size(0) == x.size(1) && t->size(1) == x.size(3) / 2,
+                "fomoe.rotary: cos and sin must be [seq=", x.size(1), ", head_dim/2=", x.size(3) / 2, "], got ",
+                t->sizes());
+    FOMOE_CHECK(is_float_dtype(t->scalar_type()), "fomoe.rotary: cos and sin must be floating, got ",
+                t->scalar_type());
+    check_same_device("rotary", x, *t, "a table");
+  }
+}
+
 }  // namespace fomoe

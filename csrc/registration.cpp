@@ -35,4 +35,11 @@ TORCH_LIBRARY(fomoe, m) {
   // expert order that the backward needs (an empty tensor otherwise).
   m.def("expert_ffn(Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, bool save_for_backward) -> (Tensor y, Tensor h)");
   m.def("expert_ffn_backward(Tensor grad_y, Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, Tensor h) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2, Tensor grad_gate)");
+
+  // Rotary position embedding of the model around the MoE layers, on channel pairs
+  // (i, i + D/2) of x [B, S, H, D] with tables cos, sin [S, D/2] (any float dtype):
+  //   out[..., i] = x_i cos - x_{i+D/2} sin,  out[..., i+D/2] = x_{i+D/2} cos + x_i sin
+  // computed in fp32 (fp64 for fp64 x), returned contiguous in x's dtype. inverse rotates by
+  // the negated angle (the adjoint, which is the backward). x may be a strided view.
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse=False) -> Tensor");
 }

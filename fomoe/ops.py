@@ -19,7 +19,7 @@ from . import reference
 
 _ops = torch.ops.fomoe
 OP_NAMES = ("route", "route_backward", "dispatch", "gather", "combine", "combine_gate_grad", "grouped_mm",
-            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward")
+            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward", "rotary")
 
 
 # ---- public entry points -----------------------------------------------------------------
@@ -66,6 +66,12 @@ def expert_ffn(x: Tensor, permutation: Tensor, offsets: Tensor, inverse: Tensor,
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w13, w2, gate))
     y, _ = _ops.expert_ffn(x, permutation, offsets, inverse, w13, w2, gate, save)
     return y
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Rotary position embedding of x [B, S, H, D] (any strides) with tables [S, D/2]: channel
+    pairs (i, i + D/2) rotated by the angle whose cos and sin the tables hold, in fp32."""
+    return _ops.rotary(x, cos, sin, inverse)
 
 
 # ---- fake kernels (shapes and dtypes only) --------------------------------------------------
@@ -128,6 +134,12 @@ def _expert_ffn_fake(x, permutation, offsets, inverse, w13, w2, gate, save_for_b
 @torch.library.register_fake("fomoe::expert_ffn_backward")
 def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2, gate, h):
     return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), torch.empty_like(gate)
+
+
+@torch.library.register_fake("fomoe::rotary")
+def _rotary_fake(x, cos, sin, inverse=False):
+    torch._check(x.dim() == 4 and x.shape[3] % 2 == 0, lambda: "fomoe.rotary: x must be [B, S, H, even D]")
+    return x.new_empty(x.shape)
 
 
 # ---- reference fallback where a build has no device kernel -----------------------------------

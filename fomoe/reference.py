@@ -147,6 +147,17 @@ def expert_ffn_backward(grad_y: Tensor, x: Tensor, permutation: Tensor, offsets:
                  for g, t in zip(grads, (x, w13, w2, gate)))  # type: ignore[return-value]
 
 
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """RoPE on channel pairs (i, i + D/2) of x [B, S, H, D]: each pair, as the complex number
+    x_i + j x_{i+D/2}, is multiplied by cos + j sin (by its conjugate when ``inverse``)."""
+    acc = _acc(x.dtype)
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].to(acc), x[..., half:].to(acc))
+    c, s = cos.to(acc)[:, None, :], sin.to(acc)[:, None, :]
+    z = z * torch.complex(c, -s if inverse else s)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
 def moe_loop(x: Tensor, router_weight: Tensor, w13_full: Tensor, w2_full: Tensor, top_k: int, score: str,
              renormalize: bool, resident: Tensor | None = None, policy: str = "skip",
              renormalize_kept: bool = False) -> Tensor:

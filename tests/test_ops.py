@@ -165,6 +165,59 @@ def test_expert_ffn_without_saved_h_refuses_backward(gen):
         y.sum().backward()
 
 
+# ---- rotary ----------------------------------------------------------------------------------
+
+def rotary_tables(S: int, D: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(S, dtype=torch.float64), 10000.0 ** (-torch.arange(0, D, 2) / D))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,S,H,D", [(2, 7, 3, 8), (1, 1, 1, 2), (3, 16, 4, 64)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rotary_matches_reference(B, S, H, D, dtype, inverse, gen):
+    x = torch.randn(B, S, H, D, generator=gen).to(dtype)
+    cos, sin = rotary_tables(S, D)
+    got = ops.rotary(x, cos, sin, inverse)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, ref.rotary(x, cos, sin, inverse))
+    # A rotation keeps each pair's length, and inverse undoes it.
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(ops.rotary(got, cos, sin, not inverse), x)
+
+
+def test_rotary_takes_strided_views(gen):
+    # q and k as the projection lays them out: a [B, S, 3, H, D] tensor, two of three slices.
+    qkv = torch.randn(2, 6, 3, 4, 16, generator=gen)
+    qk = qkv[:, :, :2].reshape(2, 6, 8, 16)  # a view: strides of the 5-D tensor
+    assert not qk.is_contiguous()
+    cos, sin = rotary_tables(6, 16)
+    torch.testing.assert_close(ops.rotary(qk, cos, sin), ops.rotary(qk.contiguous(), cos, sin), rtol=0, atol=0)
+    t = torch.randn(2, 16, 6, 4, generator=gen).permute(0, 2, 3, 1)  # head_dim not innermost
+    torch.testing.assert_close(ops.rotary(t, cos, sin), ops.rotary(t.contiguous(), cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(ops.rotary(t, cos, sin), ref.rotary(t, cos, sin))
+
+
+def test_rotary_gradients(gen):
+    x = torch.randn(2, 5, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    cos, sin = rotary_tables(5, 6, torch.float64)
+    torch.autograd.gradcheck(lambda t: ops.rotary(t, cos, sin), (x,))
+    torch.autograd.gradcheck(lambda t: ops.rotary(t, cos, sin, True), (x,))
+
+
+def test_rotary_rejects_bad_input(gen):
+    cos, sin = rotary_tables(5, 8)
+    x = torch.randn(2, 5, 3, 8, generator=gen)
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.rotary(x[0], cos, sin)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.rotary(torch.randn(2, 5, 3, 7), cos, sin)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[seq=5, head_dim/2=4\]"):
+        ops.rotary(x, cos[:4], sin)
+    with pytest.raises(RuntimeError, match="floating"):
+        ops.rotary(x.long(), cos, sin)
+
+
 # ---- opcheck ------------------------------------------------------------------------------
 
 def _opcheck_samples(gen):
@@ -192,6 +245,7 @@ def _opcheck_samples(gen):
         ("expert_ffn", (p["x"], perm, offsets, inv, p["w13"], p["w2"], gate, False)),
         ("expert_ffn_backward", (torch.randn(9, 6, generator=gen), p["x"], perm, offsets, inv, p["w13"], p["w2"],
                                  gate, h)),
+        ("rotary", (torch.randn(2, 5, 3, 8, generator=gen, requires_grad=True), *rotary_tables(5, 8), False)),
     ]
 
 
@@ -199,7 +253,7 @@ def test_opcheck_covers_every_op(gen):
     assert {name for name, _ in _opcheck_samples(gen)} == set(ops.OP_NAMES)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck(index, gen):
     name, args = _opcheck_samples(gen)[index]
     torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)
