@@ -1,7 +1,8 @@
 """A small decoder-only MoE transformer language model built on ``fomoe.MoE``.
 
-Every block is pre-norm: RMSNorm -> causal self-attention with rotary position embeddings
-(``F.scaled_dot_product_attention``) -> residual, RMSNorm -> ``fomoe.MoE`` FFN -> residual.
+Every block is pre-norm: RMSNorm -> causal self-attention with rotary position embeddings (the
+fused ``fomoe.ops.rotary``, then ``F.scaled_dot_product_attention``) -> residual, RMSNorm ->
+``fomoe.MoE`` FFN -> residual.
 Embeddings are tied with the output head.
 
 A worker builds the model with only the experts it holds (``resident_fn(layer) -> ids`` or a
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layer import MoE, MoEConfig
+from .ops import rotary
 
 
 @dataclass
@@ -129,17 +131,16 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``cos``, ``sin``: [S, head_dim/2] rotary tables."""
         B, S, d = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        H, hd = self.n_heads, self.head_dim
+        # q and k stay in the projection's [B, S, ., H, hd] layout and are rotated together by
+        # one fused op, then handed to attention as strided views: no permuted copies.
+        qk, v = self.qkv(x).view(B, S, 3, H, hd).split((2, 1), dim=2)
+        qk = rotary(qk.reshape(B, S, 2 * H, hd), cos, sin).view(B, S, 2, H, hd)
+        q, k = qk.transpose(1, 3).unbind(2)
+        y = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2), is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, d))
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # Rotary embedding on pairs (first half, second half) of each head's channels.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Block(nn.Module):
