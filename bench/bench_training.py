@@ -15,8 +15,9 @@ real step, but the weights stay at their initialisation, where the router spread
 evenly. So the share of assignments skip-token drops is the residency being measured (1/2
 resident: about 0.5 skipped); with a real learning rate the routing drifts on random tokens
 within the warm-up (the residual stream feeding the router changes even with the router frozen)
-and the configuration measured is no longer the one named. Each row reports the skipped share
-it measured next to the expected one.
+and the configuration measured is no longer the one named. Within a residency both
+implementations get the same router and expert weights (and the same tokens), so they route
+alike and skip the same share; each row reports that share next to the expected one.
 
 Reported: tokens/s, speedup from skipping (vs all resident, same implementation), fomoe's
 tokens/s over the torch-ops model, and where a step's time goes: the MoE layers' forward +
@@ -239,16 +240,20 @@ def moe_layers_ms(model: MoELM, batch: int, seq_len: int, device: torch.device, 
     return timer.total_ms() / reps
 
 
+@torch.no_grad()
+def copy_moe_weights(src: MoELM, dst: MoELM) -> None:
+    """Give dst's MoE layers src's router and expert weights (the dense parameters are seeded
+    identically already): both implementations then route the same tokens the same way."""
+    for a, b in zip(src.moe_layers(), dst.moe_layers()):
+        b.router.weight.copy_(a.router.weight)
+        b.w13.copy_(a.w13)
+        b.w2.copy_(a.w2)
+
+
 def check_same_function(config: dict, device: torch.device) -> float:
     """Both implementations compute the same network: copy weights, compare losses."""
     models = {impl: build(config, impl, 0.5, 16, device) for impl in FACTORIES}
-    models["torch"].load_state_dict({k: v for k, v in models["fomoe"].state_dict().items() if ".moe." not in k},
-                                    strict=False)
-    with torch.no_grad():
-        for a, b in zip(models["fomoe"].moe_layers(), models["torch"].moe_layers()):
-            b.router.weight.copy_(a.router.weight)
-            b.w13.copy_(a.w13)
-            b.w2.copy_(a.w2)
+    copy_moe_weights(models["fomoe"], models["torch"])
     tokens = torch.randint(0, 256, (2, 17), device=device, generator=torch.Generator(device=device).manual_seed(1))
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
         losses = {impl: float(m.loss(tokens)[0]) for impl, m in models.items()}
@@ -299,8 +304,15 @@ def main(argv=None) -> int:
         gap = check_same_function(CONFIGS[name], device)
         print(f"## {name}: {CONFIGS[name]} (implementations agree: loss gap {gap:.2e})")
         for fraction in FRACTIONS:
+            first = None
             for impl in impls:
                 model = build(CONFIGS[name], impl, fraction, seq_len, device)
+                if first is not None:  # the same weights, so the same routing and skipped share
+                    copy_moe_weights(first, model)
+                    first = None
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 result = measure(model, batch, seq_len, steps, warmup, device)
                 rows.append({"config": name, "impl": impl, "resident_fraction": fraction, **result})
                 off = abs(result["skipped_fraction"] - result["expected_skipped"]) > SKIP_TOLERANCE
@@ -309,6 +321,8 @@ def main(argv=None) -> int:
                       f"{result['optimizer_ms']:.1f}, rest {result['rest_ms']:.1f})  skipped "
                       f"{result['skipped_fraction']:.3f} (expected {result['expected_skipped']:.3f})"
                       + ("  WARNING: the skipped share is not the residency's" if off else ""), flush=True)
+                if impl == impls[0] and len(impls) > 1:
+                    first = model
                 del model
                 gc.collect()
                 if device.type == "cuda":
