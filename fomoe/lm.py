@@ -133,13 +133,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """``cos``, ``sin``: [S, head_dim/2] rotary tables."""
         B, S, d = x.shape
-        H, hd = self.n_heads, self.head_dim
-        # q and k stay in the projection's [B, S, ., H, hd] layout and are rotated together by
-        # one fused op, then handed to attention as strided views: no permuted copies.
-        qk, v = self.qkv(x).view(B, S, 3, H, hd).split((2, 1), dim=2)
-        qk = rotary(qk.reshape(B, S, 2 * H, hd), cos, sin).view(B, S, 2, H, hd)
-        q, k = qk.transpose(1, 3).unbind(2)
-        y = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2), is_causal=True)
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).unbind(2)
+        # Rotated q and k come out packed [B, S, H, hd] and v stays a view of the projection:
+        # layouts attention takes as they are. (q and k rotated as one strided tensor cost three
+        # strided copies and a slower stack per layer: 1.85 vs 1.66 ms fwd+bwd of this module at
+        # 16x1024 tokens, d 1024, on an H200.)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, S, d))
 
 
