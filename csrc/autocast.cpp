@@ -1,6 +1,6 @@
 // Autocast behaviour of the fomoe ops: under torch.autocast the expert GEMMs run in the
 // autocast dtype (bf16 by default) with fp32 accumulation inside the kernels, while gate
-// weights and routing tables keep their dtype. Without this, fp32 activations would reach
+// weights and routing tables keep their dtype (and expert_ffn's weights: it casts them itself). Without this, fp32 activations would reach
 // the kernels and silently take the slow fp32 path. The router (fomoe::route) needs no
 // entry: it reads any float dtype and always computes in fp32. Ops not listed here
 // fall through autocast and keep their inputs' dtypes.
@@ -30,7 +30,9 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_autocast(const at::Tensor& x, cons
                                                                 const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, bool)>("fomoe::expert_ffn");
-  return op.call(scope.cast(x), perm, offsets, inv, scope.cast(w13), scope.cast(w2), gate, save_for_backward);
+  // Only x is cast: the weights go in as they are and the op computes in x's dtype, returning
+  // their gradients in their own dtype without a cast pass each way through the graph.
+  return op.call(scope.cast(x), perm, offsets, inv, w13, w2, gate, save_for_backward);
 }
 
 template <c10::DeviceType device, const char* name>

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "checks.h"
 #include "op_handle.h"
 
 namespace fomoe {
@@ -32,7 +33,7 @@ using ExpertFfnSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, co
                                                 const Tensor&, const Tensor&, const Tensor&, bool);
 using ExpertFfnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, std::optional<at::ScalarType>);
 using RotarySig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool);
 
 // Each handle is looked up at its first call (the library is fully registered by then).
@@ -141,14 +142,22 @@ struct GroupedMm : torch::autograd::Function<GroupedMm> {
 
 constexpr int kExpertFfnInputs = 8;  // x, permutation, offsets, inverse, w13, w2, gate, save_for_backward
 
+// Weights of another dtype than x (fp32 master weights under autocast) are cast here, below
+// autograd: the cast copies serve the forward and the backward's dgrad GEMMs, and the backward
+// writes the weight gradients in the weights' own dtype straight from its fp32 accumulators
+// (a cast node in the graph would round them to x's dtype and widen them again in one more pass).
 struct ExpertFfn : torch::autograd::Function<ExpertFfn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& permutation,
-                               const Tensor& offsets, const Tensor& inverse, const Tensor& w13, const Tensor& w2,
-                               const Tensor& gate, bool save_for_backward) {
+                               const Tensor& offsets, const Tensor& inverse, const Tensor& w13_in,
+                               const Tensor& w2_in, const Tensor& gate, bool save_for_backward) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    check_expert_weight_dtypes(w13_in, w2_in);  // before the casts below make them agree
+    const auto as_x = [&](const Tensor& w) { return w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()); };
+    const Tensor w13 = as_x(w13_in), w2 = as_x(w2_in);
     auto [y, h] = expert_ffn_op().call(x, permutation, offsets, inverse, w13, w2, gate, save_for_backward);
     ctx->save_for_backward({x, permutation, offsets, inverse, w13, w2, gate, h});
     ctx->saved_data["saved_h"] = save_for_backward;
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(w13_in.scalar_type());
     // h is the backward's saved state, not a differentiable result: without these two lines
     // autograd would hand the backward a materialised zero gradient for it, a [T*k, 2*d_ff]
     // fill every step (as much memory as h, and a fixed cost skip-token cannot cut).
@@ -163,7 +172,8 @@ struct ExpertFfn : torch::autograd::Function<ExpertFfn> {
                 "(which decides) or pass True to differentiate it");
     const auto s = ctx->get_saved_variables();
     auto [grad_x, grad_w13, grad_w2, grad_gate] =
-        expert_ffn_backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+        expert_ffn_backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+                                      static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
     return {grad_x, Tensor(), Tensor(), Tensor(), grad_w13, grad_w2, grad_gate, Tensor()};
   }
 };

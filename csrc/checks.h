@@ -190,6 +190,13 @@ inline void check_grouped_mm_wgrad(const at::Tensor& a, const at::Tensor& b, con
   check_offsets("grouped_mm_wgrad", offsets, offsets.size(0) - 1, a);
 }
 
+// expert_ffn's weights share a floating dtype, x's or another (they are cast to x's).
+inline void check_expert_weight_dtypes(const at::Tensor& w13, const at::Tensor& w2) {
+  FOMOE_CHECK(is_float_dtype(w13.scalar_type()) && w13.scalar_type() == w2.scalar_type(),
+              "fomoe.expert_ffn: w13 and w2 must share one floating dtype (x's or another: they are cast to x's), got ",
+              w13.scalar_type(), " and ", w2.scalar_type());
+}
+
 inline void check_expert_ffn(const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& offsets,
                              const at::Tensor& inverse, const at::Tensor& w13, const at::Tensor& w2,
                              const at::Tensor& gate) {
@@ -203,15 +210,20 @@ inline void check_expert_ffn(const at::Tensor& x, const at::Tensor& permutation,
   FOMOE_CHECK(w2.size(0) == E && w13.size(1) == d && w13.size(2) == 2 * f && w2.size(2) == d,
               "fomoe.expert_ffn: inconsistent shapes: x ", x.sizes(), ", w13 ", w13.sizes(), ", w2 ", w2.sizes(),
               " (want w13 [E, d, 2*f] and w2 [E, f, d])");
-  FOMOE_CHECK(is_float_dtype(x.scalar_type()) && x.scalar_type() == w13.scalar_type() &&
-                  x.scalar_type() == w2.scalar_type(),
-              "fomoe.expert_ffn: x, w13 and w2 must share one floating dtype, got ", x.scalar_type(), ", ",
-              w13.scalar_type(), ", ", w2.scalar_type(), " (under torch.autocast fomoe casts them for you)");
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()), "fomoe.expert_ffn: x must be floating, got ", x.scalar_type());
+  check_expert_weight_dtypes(w13, w2);
   check_same_device(op, x, w13, "w13");
   check_same_device(op, x, w2, "w2");
   check_same_device(op, x, permutation, "permutation");
   check_offsets(op, offsets, E, x);
   check_gate(op, gate, inverse, x);
+}
+
+// The dtype expert_ffn_backward returns the weight gradients in: the requested one, else the weights'.
+inline at::ScalarType weight_grad_dtype(std::optional<at::ScalarType> requested, const at::Tensor& w13) {
+  const auto t = requested.value_or(w13.scalar_type());
+  FOMOE_CHECK(is_float_dtype(t), "fomoe.expert_ffn_backward: weight_grad_dtype must be floating, got ", t);
+  return t;
 }
 
 inline void check_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

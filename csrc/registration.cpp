@@ -32,9 +32,12 @@ TORCH_LIBRARY(fomoe, m) {
   // Fused expert FFN: y[t] = sum over kept assignments (t, s) of
   //   gate[t, s] * (silu(x[t] W1_e) * (x[t] W3_e)) W2_e,   w13[e] = [W1_e | W3_e]  ([d, 2*d_ff]).
   // Returns y [T, d] and, when save_for_backward, the pre-activation h [T*k, 2*d_ff] in
-  // expert order that the backward needs (an empty tensor otherwise).
+  // expert order that the backward needs (an empty tensor otherwise). w13 and w2 share a
+  // dtype, which may differ from x's (fp32 master weights under autocast): the GEMMs run in
+  // x's dtype. The backward returns the weight gradients in weight_grad_dtype (default: the
+  // weights'), written in that dtype from the fp32 accumulators where the kernels allow.
   m.def("expert_ffn(Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, bool save_for_backward) -> (Tensor y, Tensor h)");
-  m.def("expert_ffn_backward(Tensor grad_y, Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, Tensor h) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2, Tensor grad_gate)");
+  m.def("expert_ffn_backward(Tensor grad_y, Tensor x, Tensor permutation, Tensor offsets, Tensor inverse, Tensor w13, Tensor w2, Tensor gate, Tensor h, ScalarType? weight_grad_dtype=None) -> (Tensor grad_x, Tensor grad_w13, Tensor grad_w2, Tensor grad_gate)");
 
   // Rotary position embedding of the model around the MoE layers, on channel pairs
   // (i, i + D/2) of x [B, S, H, D] with tables cos, sin [S, D/2] (any float dtype):

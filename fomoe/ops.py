@@ -132,8 +132,10 @@ def _expert_ffn_fake(x, permutation, offsets, inverse, w13, w2, gate, save_for_b
 
 
 @torch.library.register_fake("fomoe::expert_ffn_backward")
-def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2, gate, h):
-    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2), torch.empty_like(gate)
+def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2, gate, h, weight_grad_dtype=None):
+    dtype = weight_grad_dtype or w13.dtype
+    return (torch.empty_like(x), torch.empty_like(w13, dtype=dtype), torch.empty_like(w2, dtype=dtype),
+            torch.empty_like(gate))
 
 
 @torch.library.register_fake("fomoe::rotary")

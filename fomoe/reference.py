@@ -125,7 +125,9 @@ def swiglu(h: Tensor) -> Tensor:
 
 def expert_ffn(x: Tensor, permutation: Tensor, offsets: Tensor, inverse: Tensor, w13: Tensor, w2: Tensor,
                gate: Tensor, save_for_backward: bool) -> tuple[Tensor, Tensor]:
-    """gather -> GEMM1 -> SwiGLU -> GEMM2 -> gate-weighted combine; also h (expert order) if asked."""
+    """gather -> GEMM1 -> SwiGLU -> GEMM2 -> gate-weighted combine; also h (expert order) if asked.
+
+    w13 and w2 share a dtype, which may differ from x's (the op computes in x's dtype)."""
     acc = _acc(x.dtype)
     xg = gather(x.to(acc), permutation, inverse)
     h = grouped_mm(xg, w13.to(acc), offsets)
@@ -136,15 +138,18 @@ def expert_ffn(x: Tensor, permutation: Tensor, offsets: Tensor, inverse: Tensor,
 
 
 def expert_ffn_backward(grad_y: Tensor, x: Tensor, permutation: Tensor, offsets: Tensor, inverse: Tensor,
-                        w13: Tensor, w2: Tensor, gate: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``expert_ffn``'s y wrt (x, w13, w2, gate), by autograd through the reference."""
+                        w13: Tensor, w2: Tensor, gate: Tensor, h: Tensor,
+                        weight_grad_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``expert_ffn``'s y wrt (x, w13, w2, gate), by autograd through the reference;
+    the weights' in ``weight_grad_dtype`` (default: the weights' dtype)."""
     acc = _acc(x.dtype)
     leaves = [t.detach().to(acc).requires_grad_(True) for t in (x, w13, w2, gate)]
     with torch.enable_grad():
         y, _ = expert_ffn(leaves[0], permutation, offsets, inverse, leaves[1], leaves[2], leaves[3], False)
         grads = torch.autograd.grad(y, leaves, grad_y.to(acc), allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype)
-                 for g, t in zip(grads, (x, w13, w2, gate)))  # type: ignore[return-value]
+    dtypes = (x.dtype, weight_grad_dtype or w13.dtype, weight_grad_dtype or w2.dtype, gate.dtype)
+    return tuple(torch.zeros(t.shape, dtype=dt, device=t.device) if g is None else g.to(dt)
+                 for g, t, dt in zip(grads, (x, w13, w2, gate), dtypes))  # type: ignore[return-value]
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:

@@ -321,6 +321,25 @@ def test_expert_ffn_fp32_and_fp64(gen):
             assert rel_err(o, ex) < tol, name
 
 
+@pytest.mark.parametrize("T,d,f,E,k,L,empty_edges", [FFN_CASES[4], FFN_CASES[5], FFN_CASES[6]])
+def test_expert_ffn_fp32_master_weights(T, d, f, E, k, L, empty_edges, gen):
+    # bf16 activations with fp32 weights (autocast's case): the GEMMs run in bf16 on the weights
+    # rounded to bf16, and the weight gradients come back in fp32, from the fp32 accumulators
+    # where the Hopper kernels run: never less accurate than the bf16 gradients widened.
+    p = expert_problem(T, d, f, E, k, L, gen, avoid_edges=empty_edges)
+    q = dict(p, w13=p["w13"].float(), w2=p["w2"].float())  # bf16-exact fp32 values
+    bf16_weights = run_expert_ffn(p)
+    fp32_weights = run_expert_ffn(q)
+    expected = reference_expert_ffn(p)
+    assert torch.equal(fp32_weights[0], bf16_weights[0]), "the forward computes on the same bf16 weights"
+    for name, got, low, ex in zip(NAMES, fp32_weights, bf16_weights, expected):
+        if name in ("grad_w13", "grad_w2"):
+            assert got.dtype == torch.float32, name
+            assert rel_err(got, ex) <= rel_err(low.float(), ex) + 1e-4, name
+        else:
+            assert got.dtype == low.dtype and rel_err(got.float(), low.float()) < 1e-2, name
+
+
 def test_expert_ffn_is_deterministic(gen):
     p = expert_problem(700, 128, 64, 16, 4, 16, gen)
     first = run_expert_ffn(p)
@@ -385,10 +404,13 @@ def _opcheck_samples(gen):
         ("expert_ffn", (*leaves(full["x"]), full["perm"], full["offsets"], full["inverse"],
                         *leaves(full["w13"], full["w2"], full["gate"]), True)),
         ("expert_ffn_backward", (p["grad_y"], *ffn_args, h)),
+        ("expert_ffn", (*leaves(full["x"]), full["perm"], full["offsets"], full["inverse"],
+                        *leaves(full["w13"].float(), full["w2"].float(), full["gate"]), True)),
+        ("expert_ffn_backward", (p["grad_y"], *ffn_args, h, torch.float32)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck_on_cuda(index, gen):
     name, args = _opcheck_samples(gen)[index]
     torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)
@@ -432,6 +454,22 @@ def test_layer_autocast_bf16_matches_fp32_reference_with_gradients(resident, gen
     assert rel_err(layer.w13.grad, w13r.grad[layer.expert_ids]) < 2e-2
     assert rel_err(layer.w2.grad, w2r.grad[layer.expert_ids]) < 2e-2
     assert math.isfinite(layer.w13.grad.sum().item())
+    assert_no_cast_node_feeds(y, [layer.w13, layer.w2])
+
+
+def assert_no_cast_node_feeds(out, params):
+    """The expert weights' gradients reach them straight from the op, not through a cast node
+    (autocast casting the weights would round their gradients to bf16 and widen them again)."""
+    seen, stack, ids = set(), [out.grad_fn], {id(p) for p in params}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and "ToCopy" in node.name():
+                assert id(getattr(nxt, "variable", None)) not in ids, "an expert weight gets its gradient through a cast"
+            stack.append(nxt)
 
 
 # Last: on the H200 build these kernels were measured with, raising an error whose message

@@ -249,5 +249,7 @@ def test_layer_rejects_bad_configs_and_inputs():
     layer = fomoe.MoE(d_model=4, d_ff=4, num_experts=6)
     with pytest.raises(ValueError, match="d_model=4"):
         layer(torch.randn(3, 5))
-    with pytest.raises(RuntimeError, match="share one floating dtype"):
-        layer(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="x must be floating"):
+        layer(torch.ones(3, 4, dtype=torch.int64))
+    # Activations of another float dtype than the weights: computed in the activations' dtype.
+    assert layer(torch.randn(3, 4, dtype=torch.float64)).dtype == torch.float64

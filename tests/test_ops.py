@@ -156,6 +156,37 @@ def test_expert_ffn_gradcheck(gen):
     torch.autograd.gradcheck(fn, tuple(leaves))
 
 
+def test_expert_ffn_with_weights_of_another_dtype(gen):
+    # Activations in a lower precision than the weights (fp32 master weights under autocast):
+    # the op computes in x's dtype on the weights cast to it, returns the weight gradients in
+    # the weights' dtype, and autograd records no cast node for them.
+    p = routing_problem(23, 8, 6, 5, 2, 4, gen, dtype=torch.float32)
+    x = p["x"].to(torch.bfloat16)
+    w13, w2 = p["w13"].to(torch.bfloat16).float(), p["w2"].to(torch.bfloat16).float()  # bf16-exact
+    tables = (p["permutation"], p["offsets"], p["inverse"])
+
+    def run(w13_, w2_):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w13_, w2_, p["gate"])]
+        y = ops.expert_ffn(leaves[0], *tables, leaves[1], leaves[2], leaves[3])
+        y.float().square().sum().backward()
+        return y, [t.grad for t in leaves], y.grad_fn
+
+    y, grads, node = run(w13, w2)
+    y_low, grads_low, _ = run(w13.to(torch.bfloat16), w2.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_low)
+    assert grads[1].dtype == grads[2].dtype == torch.float32
+    for g, g_low in zip(grads, grads_low):
+        torch.testing.assert_close(g, g_low.to(g.dtype), rtol=0, atol=0)  # CPU: same bf16 arithmetic
+    assert all("ToCopy" not in n.name() for n, _ in node.next_functions if n is not None)
+    h = torch.ops.fomoe.expert_ffn(x, *tables, w13, w2, p["gate"], True)[1]
+    gy = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+    got = torch.ops.fomoe.expert_ffn_backward(gy, x, *tables, w13, w2, p["gate"], h, torch.float64)
+    want = ref.expert_ffn_backward(gy, x, *tables, w13, w2, p["gate"], h, torch.float64)
+    for g, g_ref in zip(got, want):
+        assert g.dtype == g_ref.dtype
+        torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_expert_ffn_without_saved_h_refuses_backward(gen):
     p = routing_problem(4, 4, 3, 2, 1, 2, gen)
     x = p["x"].requires_grad_(True)
@@ -246,6 +277,10 @@ def _opcheck_samples(gen):
         ("expert_ffn_backward", (torch.randn(9, 6, generator=gen), p["x"], perm, offsets, inv, p["w13"], p["w2"],
                                  gate, h)),
         ("rotary", (torch.randn(2, 5, 3, 8, generator=gen, requires_grad=True), *rotary_tables(5, 8), False)),
+        ("expert_ffn", (p["x"].to(torch.bfloat16).requires_grad_(True), perm, offsets, inv,
+                        p["w13"].clone().requires_grad_(True), p["w2"].clone().requires_grad_(True), gate, True)),
+        ("expert_ffn_backward", (torch.randn(9, 6, generator=gen), p["x"], perm, offsets, inv, p["w13"], p["w2"],
+                                 gate, h, torch.float64)),
     ]
 
 
@@ -253,7 +288,7 @@ def test_opcheck_covers_every_op(gen):
     assert {name for name, _ in _opcheck_samples(gen)} == set(ops.OP_NAMES)
 
 
-@pytest.mark.parametrize("index", range(14))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck(index, gen):
     name, args = _opcheck_samples(gen)[index]
     torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)
@@ -303,7 +338,7 @@ def test_expert_ffn_rejects_bad_input(gen):
     args = dict(x=p["x"], permutation=p["permutation"], offsets=p["offsets"], inverse=p["inverse"], w13=p["w13"],
                 w2=p["w2"], gate=p["gate"])
     bad = [
-        (dict(x=p["x"].double()), "share one floating dtype"),
+        (dict(w2=p["w2"].double()), "w13 and w2 must share one floating dtype"),
         (dict(w13=p["w13"][:, :, :-1]), "inconsistent shapes"),
         (dict(offsets=p["offsets"][:-1]), "offsets must be 1-D"),
         (dict(offsets=p["offsets"].flip(0)), "non-decreasing"),

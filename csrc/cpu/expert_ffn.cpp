@@ -220,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x, const at:
   const auto off = host_offsets("expert_ffn", offsets, perm.numel());
   const int64_t k = inv.size(1);
   const auto xg = gather_impl(x, perm, k, std::nullopt);
-  auto h = grouped_mm_impl(xg, w13, off);
-  const auto o = grouped_mm_impl(swiglu(h), w2, off);
+  auto h = grouped_mm_impl(xg, w13.to(x.scalar_type()), off);
+  const auto o = grouped_mm_impl(swiglu(h), w2.to(x.scalar_type()), off);
   auto y = combine_impl(o, inv, gate);
   if (!save_for_backward) h = at::empty({0}, x.options());
   return {y, h};
@@ -229,8 +229,11 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cpu(const at::Tensor& x, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& perm, const at::Tensor& offsets,
-    const at::Tensor& inv, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& gate, const at::Tensor& h) {
-  check_expert_ffn(x, perm, offsets, inv, w13, w2, gate);
+    const at::Tensor& inv, const at::Tensor& w13_in, const at::Tensor& w2_in, const at::Tensor& gate, const at::Tensor& h,
+    std::optional<at::ScalarType> weight_grad_dtype_in) {
+  check_expert_ffn(x, perm, offsets, inv, w13_in, w2_in, gate);
+  const auto grad_dtype = weight_grad_dtype(weight_grad_dtype_in, w13_in);
+  const auto w13 = w13_in.to(x.scalar_type()), w2 = w2_in.to(x.scalar_type());
   FOMOE_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes());
   FOMOE_CHECK(h.dim() == 2 && h.size(0) == perm.numel() && h.size(1) == w13.size(2),
               "fomoe.expert_ffn_backward: h must be the [T*k, 2*d_ff] tensor expert_ffn saved, got ", h.sizes());
@@ -256,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
   const auto grad_h = swiglu_backward(grad_a, h);
   const auto grad_w13 = grouped_mm_wgrad_impl(xg, grad_h, off);
   const auto grad_x = combine_impl(grouped_mm_impl(grad_h, w13.transpose(1, 2), off), inv, std::nullopt);
-  return {grad_x, grad_w13, grad_w2, grad_gate};
+  return {grad_x, grad_w13.to(grad_dtype), grad_w2.to(grad_dtype), grad_gate};
 }
 
 }  // namespace

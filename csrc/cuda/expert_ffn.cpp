@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x, const at
   const int64_t tokens = x.size(0), d = x.size(1), top_k = inverse.size(1), n = permutation.numel();
   const int64_t f = w2.size(1);
   const int groups = static_cast<int>(w13.size(0));
-  const auto xc = x.contiguous(), w13c = w13.contiguous(), w2c = w2.contiguous();
+  // Weights of another dtype are cast to x's (autograd casts them first and keeps the copies).
+  const auto xc = x.contiguous(), w13c = w13.to(x.scalar_type()).contiguous(), w2c = w2.to(x.scalar_type()).contiguous();
   const auto perm = permutation.contiguous(), off = offsets.contiguous(), inv = inverse.contiguous();
   const auto gate_acc = gate.to(accum_dtype(x.scalar_type())).contiguous();
   const cudaStream_t stream = current_stream();
@@ -92,9 +93,10 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_cuda(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& permutation, const at::Tensor& offsets,
     const at::Tensor& inverse, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& gate,
-    const at::Tensor& h) {
+    const at::Tensor& h, std::optional<at::ScalarType> weight_grad_dtype_in) {
   const char* op = "expert_ffn_backward";
   check_expert_ffn(x, permutation, offsets, inverse, w13, w2, gate);
+  const auto grad_dtype = weight_grad_dtype(weight_grad_dtype_in, w13);
   FOMOE_CHECK(grad_y.sizes() == x.sizes(), "fomoe.expert_ffn_backward: grad_y must match x's shape ", x.sizes(),
               ", got ", grad_y.sizes());
   FOMOE_CHECK(h.dim() == 2 && h.size(0) == permutation.numel() && h.size(1) == w13.size(2) &&
@@ -110,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
   const int groups = static_cast<int>(w13.size(0));
   const auto acc = accum_dtype(x.scalar_type());
   const auto xc = x.contiguous(), gy = grad_y.to(x.scalar_type()).contiguous(), hc = h.contiguous();
-  const auto w13c = w13.contiguous(), w2c = w2.contiguous();
+  const auto w13c = w13.to(x.scalar_type()).contiguous(), w2c = w2.to(x.scalar_type()).contiguous();
   const auto perm = permutation.contiguous(), off = offsets.contiguous(), inv = inverse.contiguous();
   const auto gate_acc = gate.to(acc).contiguous();
   const int32_t* offp = off.const_data_ptr<int32_t>();
@@ -135,10 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_c
                                               mutable_ptr<T>(grad_h), /*a_gated=*/mutable_ptr<T>(grad_a),
                                               mutable_ptr<gemm::accum_t<T>>(grad_gate), stream),
                  op);
-    grad_w2 = grouped_weight_grad(op, /*a_gated=*/grad_a, /*grad_y rows=*/rows_d, off);
+    grad_w2 = grouped_weight_grad(op, /*a_gated=*/grad_a, /*grad_y rows=*/rows_d, off, grad_dtype);
     grad_a.reset();
     gather_into(op, xc, perm, inv, rows_d, stream);  // x's rows, needed only for the w13 gradient
-    grad_w13 = grouped_weight_grad(op, /*x rows=*/rows_d, grad_h, off);
+    grad_w13 = grouped_weight_grad(op, /*x rows=*/rows_d, grad_h, off, grad_dtype);
     grouped_mm_into(op, grad_h, w13c.transpose(1, 2), off, /*grad_x rows=*/rows_d, /*zero_tail=*/false);
     grad_h.reset();
     grad_x = at::empty({tokens, d}, x.options());

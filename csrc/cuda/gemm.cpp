@@ -142,33 +142,40 @@ void grouped_mm_into(const char* op, const at::Tensor& a, const at::Tensor& b, c
   }
 }
 
-at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                               at::ScalarType out_dtype) {
   const int64_t rows = a.size(0), k = a.size(1), m = b.size(1), groups = offsets.size(0) - 1;
   for (auto [v, what] : {std::pair{rows, "rows"}, {k, "K"}, {m, "M"}, {groups, "experts"}})
     check_int32_extent(op, v, what);
   FOMOE_CHECK(groups <= 65535, "fomoe.", op, ": at most 65535 experts per call, got ", groups);
-  auto out = at::empty({groups, k, m}, a.options());
-  if (out.numel() == 0) return out;
-  if (rows == 0) return out.zero_();
+  const bool hopper = a.scalar_type() == at::kBFloat16 && k % 8 == 0 && m % 8 == 0 && aligned16(a) &&
+                      aligned16(b) && hopper_path();
+  const bool direct = out_dtype == a.scalar_type() || (hopper && out_dtype == at::kFloat);
+  auto out = at::empty({groups, k, m}, a.options().dtype(direct ? out_dtype : a.scalar_type()));
+  if (out.numel() == 0 || rows == 0) return out.zero_().to(out_dtype);
   const cudaStream_t stream = current_stream();
   const int g = static_cast<int>(groups);
   const int32_t* off = offsets.const_data_ptr<int32_t>();
 
-  if (a.scalar_type() == at::kBFloat16 && k % 8 == 0 && m % 8 == 0 && aligned16(a) && aligned16(b) &&
-      hopper_path()) {
-    const gemm::GroupedMmWgrad<__nv_bfloat16> p{ptr<__nv_bfloat16>(a), ptr<__nv_bfloat16>(b),
-                                                mutable_ptr<__nv_bfloat16>(out), off, g, rows, k, m};
+  if (hopper) {
     const auto tile = pick_tile(k <= 128 || m <= 128);
     at::Tensor ws = sm90_workspace(a, g);
-    check_launch(gemm::sm90_grouped_mm_wgrad(p, tile, sm_count(), ws.mutable_data_ptr(), ws.numel(), stream), op);
-    return out;
+    auto run = [&](auto out_tag) {
+      using OutT = decltype(out_tag);
+      const gemm::GroupedMmWgrad<__nv_bfloat16, OutT> p{ptr<__nv_bfloat16>(a), ptr<__nv_bfloat16>(b),
+                                                        mutable_ptr<OutT>(out), off, g, rows, k, m};
+      check_launch(gemm::sm90_grouped_mm_wgrad(p, tile, sm_count(), ws.mutable_data_ptr(), ws.numel(), stream), op);
+    };
+    if (out.scalar_type() == at::kFloat) run(float{});
+    else run(__nv_bfloat16{});
+  } else {
+    with_cuda_dtype(a.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const gemm::GroupedMmWgrad<T> p{ptr<T>(a), ptr<T>(b), mutable_ptr<T>(out), off, g, rows, k, m};
+      check_launch(gemm::simt_grouped_mm_wgrad<T>(p, stream), op);
+    });
   }
-  with_cuda_dtype(a.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const gemm::GroupedMmWgrad<T> p{ptr<T>(a), ptr<T>(b), mutable_ptr<T>(out), off, g, rows, k, m};
-    check_launch(gemm::simt_grouped_mm_wgrad<T>(p, stream), op);
-  });
-  return out;
+  return out.to(out_dtype);  // a no-op where the kernel wrote out_dtype
 }
 
 namespace {
@@ -186,7 +193,8 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& b, const
   check_grouped_mm_wgrad(a, b, offsets);
   check_cuda_tensor("grouped_mm_wgrad", a, "a");
   const c10::cuda::CUDAGuard guard(a.device());
-  return grouped_weight_grad("grouped_mm_wgrad", a.contiguous(), b.contiguous(), offsets.contiguous());
+  return grouped_weight_grad("grouped_mm_wgrad", a.contiguous(), b.contiguous(), offsets.contiguous(),
+                             a.scalar_type());
 }
 
 }  // namespace

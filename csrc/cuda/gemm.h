@@ -52,11 +52,12 @@ struct GroupedMm {
 };
 
 // out[e] = a[rows_e]^T @ b[rows_e]: a [rows, k], b [rows, m], out [groups, k, m], all row-major.
-template <typename T>
+// OutT: the output's element type (the sm90 kernels also write fp32 from bf16 operands).
+template <typename T, typename OutT = T>
 struct GroupedMmWgrad {
   const T* a;
   const T* b;
-  T* out;
+  OutT* out;
   const int32_t* offsets;
   int groups;
   int64_t rows, k, m;
@@ -71,8 +72,10 @@ bool sm90_available();
 size_t sm90_workspace_bytes(int groups, int sm_count);
 cudaError_t sm90_grouped_mm(const GroupedMm<__nv_bfloat16>& p, Sm90Tile tile, int sm_count, void* workspace,
                             size_t workspace_bytes, cudaStream_t stream);
-// Writes every expert, zeros for experts without rows (at most 65535 experts).
+// Writes every expert, zeros for experts without rows (at most 65535 experts); bf16 or fp32 out.
 cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, Sm90Tile tile, int sm_count,
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
+cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16, float>& p, Sm90Tile tile, int sm_count,
                                   void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // ---- simt fallback and helpers (gemm_simt.cu); T in {float, double, __half, __nv_bfloat16} ----

@@ -41,8 +41,9 @@ void grouped_mm_into(const char* op, const at::Tensor& a, const at::Tensor& b, c
                      at::Tensor& out, bool zero_tail);
 
 // out[e] = a_e^T b_e over the rows of group e; a [N, K] and b [N, M] contiguous; every
-// expert written (zeros where it has no rows).
-at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Tensor& b,
-                               const at::Tensor& offsets);
+// expert written (zeros where it has no rows). out_dtype: fp32 from bf16 operands is written by
+// the Hopper kernels from their accumulators; other combinations cast the result.
+at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                               at::ScalarType out_dtype);
 
 }  // namespace fomoe::cuda

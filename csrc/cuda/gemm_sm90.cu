@@ -69,15 +69,30 @@ cudaError_t sm90_grouped_mm(const GroupedMm<__nv_bfloat16>& p, Sm90Tile tile, in
 #endif
 }
 
-cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, Sm90Tile tile, int sm_count,
-                                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+namespace {
+
+template <typename OutT>
+cudaError_t dispatch_wgrad(const GroupedMmWgrad<__nv_bfloat16, OutT>& p, Sm90Tile tile, int sm_count,
+                           void* workspace, size_t workspace_bytes, cudaStream_t stream) {
 #if defined(FOMOE_HAVE_CUTLASS)
   return tile == Sm90Tile::kLarge
-             ? sm90::run_grouped_mm_wgrad<Sm90Tile::kLarge>(p, sm_count, workspace, workspace_bytes, stream)
-             : sm90::run_grouped_mm_wgrad<Sm90Tile::kSmall>(p, sm_count, workspace, workspace_bytes, stream);
+             ? sm90::run_grouped_mm_wgrad<Sm90Tile::kLarge, OutT>(p, sm_count, workspace, workspace_bytes, stream)
+             : sm90::run_grouped_mm_wgrad<Sm90Tile::kSmall, OutT>(p, sm_count, workspace, workspace_bytes, stream);
 #else
   return cudaErrorNotSupported;
 #endif
+}
+
+}  // namespace
+
+cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, Sm90Tile tile, int sm_count,
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return dispatch_wgrad(p, tile, sm_count, workspace, workspace_bytes, stream);
+}
+
+cudaError_t sm90_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16, float>& p, Sm90Tile tile, int sm_count,
+                                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return dispatch_wgrad(p, tile, sm_count, workspace, workspace_bytes, stream);
 }
 
 }  // namespace fomoe::cuda::gemm

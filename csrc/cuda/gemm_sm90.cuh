@@ -55,17 +55,23 @@ struct TileConfig<Sm90Tile::kSmall> {
   using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
 
-template <Sm90Tile kTile, class LayoutA, class LayoutB>
+// The CUTLASS element type of an output of CUDA type OutT (bf16, or fp32 weight gradients).
+template <typename OutT>
+using OutputElement = std::conditional_t<std::is_same_v<OutT, float>, float, Element>;
+
+template <Sm90Tile kTile, class LayoutA, class LayoutB, typename OutT = __nv_bfloat16>
 struct Kernel {
   using Config = TileConfig<kTile>;
+  using ElementD = OutputElement<OutT>;
   static constexpr int kAlign = 8;  // bf16 elements per 16 bytes: TMA's alignment unit
+  static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
 
   // D = acc (no source operand: C is void, so nothing is read back).
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::Shape, typename Config::Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlign,
-      Element, cutlass::layout::RowMajor*, kAlign, typename Config::Epilogue,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlignD,
+      ElementD, cutlass::layout::RowMajor*, kAlignD, typename Config::Epilogue,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
@@ -100,7 +106,7 @@ struct GroupArgs {
   void* cutlass_workspace;
   const Element** a;
   const Element** b;
-  Element** d;
+  typename K::ElementD** d;
   typename K::StrideA* stride_a;
   typename K::StrideB* stride_b;
   typename K::StrideD* stride_d;
@@ -121,7 +127,7 @@ struct GroupArgs {
     g.cutlass_workspace = take(cutlass_workspace_bound(sm_count));
     g.a = reinterpret_cast<const Element**>(take(n * sizeof(void*)));
     g.b = reinterpret_cast<const Element**>(take(n * sizeof(void*)));
-    g.d = reinterpret_cast<Element**>(take(n * sizeof(void*)));
+    g.d = reinterpret_cast<typename K::ElementD**>(take(n * sizeof(void*)));
     g.stride_a = reinterpret_cast<typename K::StrideA*>(take(n * sizeof(typename K::StrideA)));
     g.stride_b = reinterpret_cast<typename K::StrideB*>(take(n * sizeof(typename K::StrideB)));
     g.stride_d = reinterpret_cast<typename K::StrideD*>(take(n * sizeof(typename K::StrideD)));
@@ -154,12 +160,13 @@ __global__ void prepare_grouped_mm(GroupedMm<__nv_bfloat16> p, GroupArgs<K> g) {
 // Weight gradient: group e computes a_e^T b_e, an (k x m) GEMM over the group's rows (its K).
 // Grid (zeroing blocks, groups): block (0, e) writes group e's arguments; an empty group gets
 // M = 0 (no tiles) and its zeros from all blocks of its column (the same launch, not a second).
-template <class K>
-__global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupArgs<K> g) {
+template <class K, typename OutT>
+__global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16, OutT> p, GroupArgs<K> g) {
+  using ElementD = typename K::ElementD;
   const int e = blockIdx.y;
   const RowRange r = group_rows(p.offsets, e, p.rows);
   const int rows = static_cast<int>(r.size());
-  auto* out = reinterpret_cast<Element*>(p.out) + static_cast<int64_t>(e) * p.k * p.m;
+  auto* out = reinterpret_cast<ElementD*>(p.out) + static_cast<int64_t>(e) * p.k * p.m;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     g.shapes[e] = GroupShape(rows > 0 ? static_cast<int>(p.k) : 0, static_cast<int>(p.m), rows);
     g.a[e] = reinterpret_cast<const Element*>(p.a) + r.start * p.k;  // column-major (k x rows): ld k
@@ -171,7 +178,7 @@ __global__ void prepare_grouped_mm_wgrad(GroupedMmWgrad<__nv_bfloat16> p, GroupA
   }
   if (rows == 0) {
     const int64_t worker = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    zero_bytes(reinterpret_cast<char*>(out), 0, p.k * p.m * static_cast<int64_t>(sizeof(Element)), worker,
+    zero_bytes(reinterpret_cast<char*>(out), 0, p.k * p.m * static_cast<int64_t>(sizeof(ElementD)), worker,
                static_cast<int64_t>(gridDim.x) * blockDim.x);
   }
 }
@@ -324,17 +331,17 @@ cudaError_t run_grouped_mm(const GroupedMm<__nv_bfloat16>& p, int sm_count, void
   return launch<K>(p.groups, g, sm_count, workspace_bytes, stream);
 }
 
-template <Sm90Tile kTile>
-cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, int sm_count, void* workspace,
+template <Sm90Tile kTile, typename OutT>
+cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16, OutT>& p, int sm_count, void* workspace,
                                  size_t workspace_bytes, cudaStream_t stream) {
-  using K = Kernel<kTile, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using K = Kernel<kTile, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, OutT>;
   if (p.groups == 0 || p.k == 0 || p.m == 0) return cudaSuccess;
   const auto g = GroupArgs<K>::carve(workspace, p.groups, sm_count);
   if (g.bytes > workspace_bytes) return cudaErrorInvalidValue;
   if (p.groups > 65535) return cudaErrorInvalidConfiguration;  // the grid's y extent
-  const int64_t group_bytes = p.k * p.m * static_cast<int64_t>(sizeof(Element));
+  const int64_t group_bytes = p.k * p.m * static_cast<int64_t>(sizeof(typename K::ElementD));
   const dim3 grid(static_cast<unsigned>(zero_blocks(group_bytes, 64)), static_cast<unsigned>(p.groups));
-  prepare_grouped_mm_wgrad<K><<<grid, 256, 0, stream>>>(p, g);
+  prepare_grouped_mm_wgrad<K, OutT><<<grid, 256, 0, stream>>>(p, g);
   FOMOE_RETURN_IF_ERROR(last_launch_error());
   return launch<K>(p.groups, g, sm_count, workspace_bytes, stream);
 }
@@ -345,6 +352,6 @@ cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, int sm_
   template cudaError_t fomoe::cuda::gemm::sm90::run_grouped_mm<fomoe::cuda::gemm::Sm90Tile::TILE,               \
                                                                fomoe::cuda::gemm::BLayout::LAYOUT>(             \
       const fomoe::cuda::gemm::GroupedMm<__nv_bfloat16>&, int, void*, size_t, cudaStream_t);
-#define FOMOE_SM90_GROUPED_MM_WGRAD(TILE)                                                                      \
-  template cudaError_t fomoe::cuda::gemm::sm90::run_grouped_mm_wgrad<fomoe::cuda::gemm::Sm90Tile::TILE>(        \
-      const fomoe::cuda::gemm::GroupedMmWgrad<__nv_bfloat16>&, int, void*, size_t, cudaStream_t);
+#define FOMOE_SM90_GROUPED_MM_WGRAD(TILE, OUT)                                                                 \
+  template cudaError_t fomoe::cuda::gemm::sm90::run_grouped_mm_wgrad<fomoe::cuda::gemm::Sm90Tile::TILE, OUT>(   \
+      const fomoe::cuda::gemm::GroupedMmWgrad<__nv_bfloat16, OUT>&, int, void*, size_t, cudaStream_t);

@@ -14,8 +14,8 @@ template <Sm90Tile kTile, BLayout kLayout>
 cudaError_t run_grouped_mm(const GroupedMm<__nv_bfloat16>& p, int sm_count, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
 
-template <Sm90Tile kTile>
-cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16>& p, int sm_count, void* workspace,
+template <Sm90Tile kTile, typename OutT>
+cudaError_t run_grouped_mm_wgrad(const GroupedMmWgrad<__nv_bfloat16, OutT>& p, int sm_count, void* workspace,
                                  size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace fomoe::cuda::gemm::sm90

@@ -1,5 +1,5 @@
-// sm90 grouped GEMM variant: weight gradient (a_e^T b_e over each group's rows), small tiles.
+// sm90 grouped GEMM variant: weight gradient (a_e^T b_e over each group's rows), small tiles, bf16 out.
 #if defined(FOMOE_HAVE_CUTLASS)
 #include "cuda/gemm_sm90.cuh"
-FOMOE_SM90_GROUPED_MM_WGRAD(kSmall)
+FOMOE_SM90_GROUPED_MM_WGRAD(kSmall, __nv_bfloat16)
 #endif
