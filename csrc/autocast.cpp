@@ -1,9 +1,9 @@
 // Autocast behaviour of the fomoe ops: under torch.autocast the expert GEMMs run in the
 // autocast dtype (bf16 by default) with fp32 accumulation inside the kernels, while gate
-// weights and routing tables keep their dtype (and expert_ffn's weights: it casts them itself). Without this, fp32 activations would reach
-// the kernels and silently take the slow fp32 path. The router (fomoe::route) needs no
-// entry: it reads any float dtype and always computes in fp32. Ops not listed here
-// fall through autocast and keep their inputs' dtypes.
+// weights and routing tables keep their dtype (and so do expert_ffn's weights: it casts them
+// itself). Without this, fp32 activations would reach the kernels and silently take the slow
+// fp32 path. The router (fomoe::route) needs no entry: it reads any float dtype and always
+// computes in fp32. Ops not listed here fall through autocast and keep their inputs' dtypes.
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
