@@ -31,6 +31,7 @@ is no GPU) as a quick check of the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -169,24 +170,32 @@ class Timer:
         return sum(1e3 * (b - a) for a, b in self.pairs)
 
 
-def measure(model: MoELM, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device) -> dict:
-    fused = device.type == "cuda"
-    # Every parameter in the optimizer, learning rate 0 (see the module docstring): the step's
-    # cost is a real training step's, the routing stays at its balanced initialisation.
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=fused)
-    vocab = model.config.vocab_size
+def training_step(model: MoELM, batch: int, seq_len: int, device: torch.device, autocast: bool = True,
+                  optimizer_region=contextlib.nullcontext()):
+    """The benchmarks' training step on fresh random tokens: (step() -> loss, its optimizer).
+
+    Every parameter is in the optimizer at learning rate 0 (see the module docstring): the
+    step's cost is a real training step's, the routing stays at its balanced initialisation.
+    ``optimizer_region`` (a reusable context manager) wraps the optimizer step, to time it."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    opt_timer = Timer(device)
 
     def step() -> Tensor:
-        tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device, generator=gen)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device, generator=gen)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             ce, aux = model.loss(tokens)
         (ce + aux).backward()
-        with opt_timer:
+        with optimizer_region:
             opt.step()
         opt.zero_grad(set_to_none=True)
         return ce
+
+    return step, opt
+
+
+def measure(model: MoELM, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device) -> dict:
+    opt_timer = Timer(device)
+    step, opt = training_step(model, batch, seq_len, device, optimizer_region=opt_timer)
 
     for _ in range(warmup):
         step()

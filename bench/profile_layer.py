@@ -100,16 +100,7 @@ def profile_step(config: dict, impl: str, fraction: float, batch: int, seq_len: 
     """One LM training step (bench_training's model, lr 0): wall, kernel sum, top kernels."""
     torch.manual_seed(0)
     model = bt.build(config, impl, fraction, seq_len, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def step() -> None:
-        tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device, generator=gen)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ce, aux = model.loss(tokens)
-        (ce + aux).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step, opt = bt.training_step(model, batch, seq_len, device, autocast=device.type == "cuda")
 
     for _ in range(3):
         step()
