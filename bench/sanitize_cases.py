@@ -54,7 +54,7 @@ def routing_round_trip(T, E, k, held, d, gen, dtype=torch.bfloat16, ids=None):
 
 
 def other_ops(gen):
-    """Grouped GEMM, expert FFN and rotary, where this build has CUDA kernels for them."""
+    """Grouped GEMM, expert FFN, rotary and RMSNorm, where this build has CUDA kernels for them."""
     T, E, k, d, f = 37, 4, 2, 64, 32
     perm, offsets, inv = ops.dispatch(torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32).cuda(),
                                       resident(E, [0, 2, 3]), 3)
@@ -85,6 +85,16 @@ def other_ops(gen):
         ops.rotary(storage[1:].view(B, S, H, D), cos, sin, True)              # misaligned: element path
         ops.rotary(torch.randn(B, D, S, H, generator=gen).cuda().permute(0, 2, 3, 1), cos, sin)  # head_dim strided
         ran.append("rotary")
+    if "rms_norm" not in ops.reference_fallbacks():
+        for rows, d in ((37, 64), (9, 130)):  # vector path; d not a multiple of 4: element path
+            x = torch.randn(rows, d, generator=gen).cuda().requires_grad_(True)
+            delta = torch.randn(rows, d, generator=gen).to(torch.bfloat16).cuda().requires_grad_(True)
+            w = torch.rand(d, generator=gen).cuda().requires_grad_(True)
+            s, normed = ops.add_rms_norm(x, delta, w, 1e-5, torch.bfloat16)
+            (s.square().sum() + normed.float().square().sum()).backward()
+        storage = torch.randn(37 * 64 + 1, generator=gen).cuda()
+        ops.rms_norm(storage[1:].view(37, 64), torch.ones(64, device="cuda"))       # misaligned: element path
+        ran.append("rms_norm(+backward)")
     return ran
 
 

@@ -35,6 +35,10 @@ using ExpertFfnBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, std::optional<at::ScalarType>);
 using RotarySig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool);
+using RmsNormSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptionalTensor&, const Tensor&, double,
+                                              std::optional<at::ScalarType>);
+using RmsNormBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const Tensor&,
+                                                              const Tensor&, double, std::optional<at::ScalarType>);
 
 // Each handle is looked up at its first call (the library is fully registered by then).
 #define FOMOE_OP(fn, Sig, name)                      \
@@ -52,6 +56,8 @@ FOMOE_OP(grouped_mm_wgrad_op, GroupedSig, "fomoe::grouped_mm_wgrad")
 FOMOE_OP(expert_ffn_op, ExpertFfnSig, "fomoe::expert_ffn")
 FOMOE_OP(expert_ffn_backward_op, ExpertFfnBackwardSig, "fomoe::expert_ffn_backward")
 FOMOE_OP(rotary_op, RotarySig, "fomoe::rotary")
+FOMOE_OP(rms_norm_op, RmsNormSig, "fomoe::rms_norm")
+FOMOE_OP(rms_norm_backward_op, RmsNormBackwardSig, "fomoe::rms_norm_backward")
 #undef FOMOE_OP
 
 OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
@@ -195,6 +201,40 @@ struct Rotary : torch::autograd::Function<Rotary> {
   }
 };
 
+// The sum's gradient is the residual stream's plus the norm's; x and delta both get it (delta in
+// its own dtype, written by the same kernel when that differs from x's). The backward
+// recomputes the row scales from s, which is saved (x itself when there is no delta).
+struct RmsNorm : torch::autograd::Function<RmsNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptionalTensor& delta,
+                               const Tensor& weight, double eps, std::optional<at::ScalarType> out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [s, normed] = rms_norm_op().call(x, delta, weight, eps, out_dtype);
+    const bool has_delta = present(delta);
+    ctx->save_for_backward({has_delta ? s : x, weight});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["delta_dtype"] = has_delta ? static_cast<int64_t>(delta->scalar_type()) : int64_t{-1};
+    if (!has_delta) ctx->mark_non_differentiable({s});  // an empty placeholder: s is x
+    ctx->set_materialize_grads(false);
+    return {s, normed};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &s = saved[0], &weight = saved[1];
+    const int64_t delta_code = ctx->saved_data["delta_dtype"].toInt();
+    const bool has_delta = delta_code >= 0;
+    const Tensor& grad_sum = grads[0];
+    if (!grads[1].defined())  // only the sum was used: the residual path alone
+      return {grad_sum, has_delta && grad_sum.defined() ? grad_sum.to(static_cast<at::ScalarType>(delta_code)) : Tensor(),
+              Tensor(), Tensor(), Tensor()};
+    const auto delta_t = static_cast<at::ScalarType>(delta_code);
+    const bool separate = has_delta && delta_t != s.scalar_type();
+    auto [grad_s, grad_delta, grad_weight] = rms_norm_backward_op().call(
+        grads[1], has_delta ? optional(grad_sum) : std::nullopt, s, weight, ctx->saved_data["eps"].toDouble(),
+        separate ? std::optional<at::ScalarType>(delta_t) : std::nullopt);
+    return {grad_s, has_delta ? (separate ? grad_delta : grad_s) : Tensor(), grad_weight, Tensor(), Tensor()};
+  }
+};
+
 // ---- the Autograd kernels (the schema's signatures) -----------------------------------------
 
 std::tuple<Tensor, Tensor> route_autograd(const Tensor& logits, int64_t top_k, c10::string_view score,
@@ -228,6 +268,12 @@ Tensor rotary_autograd(const Tensor& x, const Tensor& cos, const Tensor& sin, bo
   return Rotary::apply(x, cos, sin, inverse)[0];
 }
 
+std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& x, const OptionalTensor& delta, const Tensor& weight,
+                                             double eps, std::optional<at::ScalarType> out_dtype) {
+  auto out = RmsNorm::apply(x, delta, weight, eps, out_dtype);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fomoe, Autograd, m) {
@@ -237,6 +283,7 @@ TORCH_LIBRARY_IMPL(fomoe, Autograd, m) {
   m.impl("grouped_mm", &grouped_mm_autograd);
   m.impl("expert_ffn", &expert_ffn_autograd);
   m.impl("rotary", &rotary_autograd);
+  m.impl("rms_norm", &rms_norm_autograd);
 }
 
 }  // namespace fomoe

@@ -7,10 +7,12 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/string_view.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 namespace fomoe {
 
@@ -219,11 +221,17 @@ inline void check_expert_ffn(const at::Tensor& x, const at::Tensor& permutation,
   check_gate(op, gate, inverse, x);
 }
 
+// A requested dtype argument (ScalarType?), else the fallback; floating either way.
+inline at::ScalarType float_dtype_or(std::optional<at::ScalarType> requested, at::ScalarType fallback,
+                                     const char* op, const char* what) {
+  const auto t = requested.value_or(fallback);
+  FOMOE_CHECK(is_float_dtype(t), "fomoe.", op, ": ", what, " must be floating, got ", t);
+  return t;
+}
+
 // The dtype expert_ffn_backward returns the weight gradients in: the requested one, else the weights'.
 inline at::ScalarType weight_grad_dtype(std::optional<at::ScalarType> requested, const at::Tensor& w13) {
-  const auto t = requested.value_or(w13.scalar_type());
-  FOMOE_CHECK(is_float_dtype(t), "fomoe.expert_ffn_backward: weight_grad_dtype must be floating, got ", t);
-  return t;
+  return float_dtype_or(requested, w13.scalar_type(), "expert_ffn_backward", "weight_grad_dtype");
 }
 
 inline void check_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -237,6 +245,38 @@ inline void check_rotary(const at::Tensor& x, const at::Tensor& cos, const at::T
     FOMOE_CHECK(is_float_dtype(t->scalar_type()), "fomoe.rotary: cos and sin must be floating, got ",
                 t->scalar_type());
     check_same_device("rotary", x, *t, "a table");
+  }
+}
+
+// rms_norm / rms_norm_backward: x (or s) [..., d] floating, weight [d] floating, the tensors in
+// like_x shaped like x, everything on x's device. The dtypes that travel with the stream (delta,
+// normed and their gradients) are its own or, on an fp32 stream, fp16 / bf16: each value is
+// then one rounding from its fp32 result on both devices.
+inline bool norm_companion_dtype(at::ScalarType stream, at::ScalarType t) {
+  return t == stream || (stream == at::kFloat && (t == at::kHalf || t == at::kBFloat16));
+}
+
+inline void check_norm_companion(const char* op, at::ScalarType stream, at::ScalarType t, const char* what) {
+  FOMOE_CHECK(norm_companion_dtype(stream, t), "fomoe.", op, ": ", what, " must be ", stream,
+              stream == at::kFloat ? ", Half or BFloat16" : "", " (the stream's dtype",
+              stream == at::kFloat ? " or a 16-bit one" : "", "), got ", t);
+}
+
+inline void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                           std::initializer_list<std::pair<const at::Tensor*, const char*>> like_x) {
+  FOMOE_CHECK(x.dim() >= 1 && x.size(-1) > 0, "fomoe.", op, ": x must be [..., d] with d > 0, got shape ", x.sizes());
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()), "fomoe.", op, ": x must be floating, got ", x.scalar_type());
+  FOMOE_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "fomoe.", op, ": weight must be [d=", x.size(-1),
+              "], got shape ", weight.sizes());
+  FOMOE_CHECK(is_float_dtype(weight.scalar_type()), "fomoe.", op, ": weight must be floating, got ",
+              weight.scalar_type());
+  check_same_device(op, x, weight, "weight");
+  for (const auto& [t, name] : like_x) {
+    if (!t->defined()) continue;
+    FOMOE_CHECK(t->sizes() == x.sizes(), "fomoe.", op, ": ", name, " must have x's shape ", x.sizes(), ", got ",
+                t->sizes());
+    check_norm_companion(op, x.scalar_type(), t->scalar_type(), name);
+    check_same_device(op, x, *t, name);
   }
 }
 

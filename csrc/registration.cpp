@@ -45,4 +45,16 @@ TORCH_LIBRARY(fomoe, m) {
   // computed in fp32 (fp64 for fp64 x), returned contiguous in x's dtype. inverse rotates by
   // the negated angle (the adjoint, which is the backward). x may be a strided view.
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse=False) -> Tensor");
+
+  // RMSNorm of the residual stream, with the add of the last sublayer's output fused in:
+  //   s = x + delta (x alone when delta is None),  normed = s * rsqrt(mean(s^2) + eps) * weight
+  // over the last dim, computed in fp32 (fp64 for fp64 x); delta [..., d] of any float dtype.
+  // Returns s in x's dtype (an empty tensor when delta is None: s is x) and normed in
+  // out_dtype (default x's): under autocast the bf16 copy the next GEMM reads, written
+  // directly. The backward takes the gradient of both outputs (grad_sum: the residual
+  // stream's, None when s is unused), recomputes the row scales from s and returns grad_s
+  // (the sum of both paths, x's dtype), the same values in delta_dtype when asked (else an
+  // empty tensor) and grad_weight (weight's dtype).
+  m.def("rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps, ScalarType? out_dtype=None) -> (Tensor sum, Tensor normed)");
+  m.def("rms_norm_backward(Tensor grad_normed, Tensor? grad_sum, Tensor s, Tensor weight, float eps, ScalarType? delta_dtype=None) -> (Tensor grad_s, Tensor grad_delta, Tensor grad_weight)");
 }

@@ -3,7 +3,11 @@
 Every block is pre-norm: RMSNorm -> causal self-attention with rotary position embeddings (the
 fused ``fomoe.ops.rotary``, then ``F.scaled_dot_product_attention``) -> residual, RMSNorm ->
 ``fomoe.MoE`` FFN -> residual.
-Embeddings are tied with the output head.
+Embeddings are tied with the output head. Each residual add runs fused with the RMSNorm after
+it (``fomoe.ops.add_rms_norm``): a block takes the stream and the previous sublayer's output not
+yet added, and returns the same pair. Under autocast the norm before attention and the final
+norm write the autocast dtype directly (the copies the GEMMs read); the norm before the MoE
+layer writes the stream's dtype, which the router reads.
 
 A worker builds the model with only the experts it holds (``resident_fn(layer) -> ids`` or a
 placement and rank). Initialisation is deterministic per parameter name and per global expert,
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layer import MoE, MoEConfig
-from .ops import rotary
+from .ops import add_rms_norm, rms_norm, rotary
 
 
 @dataclass
@@ -154,15 +158,32 @@ class Block(nn.Module):
         self.count_top1 = False
         self.register_buffer("top1_counts", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.ffn_norm(x)
+    def forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x: the residual stream; delta: the previous block's FFN output, not yet added (None
+        before the first block). Returns the stream after attention and this block's FFN output."""
+        x, h = residual_norm(self.attn_norm, x, delta, gemm_dtype(x))
+        x, h = residual_norm(self.ffn_norm, x, self.attn(h, cos, sin), None)
         if self.count_top1 and self.training:
             with torch.no_grad():
                 # The layer's stats count all top-k picks; the top-1 choice needs the logits.
                 top1 = F.linear(h.detach().float(), self.moe.router.weight.detach().float()).argmax(-1)
                 self.top1_counts.add_(torch.bincount(top1.reshape(-1), minlength=self.top1_counts.numel()))
-        return x + self.moe(h)
+        return x, self.moe(h)
+
+
+def gemm_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run the next GEMM in (None: x's own, autocast is off)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def residual_norm(norm: nn.RMSNorm, x: Tensor, delta: Tensor | None,
+                  out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """(x + delta, norm(x + delta)) in one pass; (x, norm(x)) when delta is None."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    if delta is None:
+        return x, rms_norm(x, norm.weight, eps, out_dtype)
+    return add_rms_norm(x, delta, norm.weight, eps, out_dtype)
 
 
 MoEFactory = Callable[[MoEConfig], nn.Module]
@@ -226,10 +247,11 @@ class MoELM(nn.Module):
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        x = self.embed(tokens)
+        x, delta = self.embed(tokens), None
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return F.linear(self.norm(x), self.embed.weight).float()
+            x, delta = block(x, delta, cos, sin)
+        _, h = residual_norm(self.norm, x, delta, gemm_dtype(x))
+        return F.linear(h, self.embed.weight).float()
 
     def aux_loss(self) -> Tensor:
         """Sum of the MoE layers' weighted auxiliary losses from the last forward."""

@@ -19,7 +19,7 @@ from . import reference
 
 _ops = torch.ops.fomoe
 OP_NAMES = ("route", "route_backward", "dispatch", "gather", "combine", "combine_gate_grad", "grouped_mm",
-            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward", "rotary")
+            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward", "rotary", "rms_norm", "rms_norm_backward")
 
 
 # ---- public entry points -----------------------------------------------------------------
@@ -72,6 +72,21 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor
     """Rotary position embedding of x [B, S, H, D] (any strides) with tables [S, D/2]: channel
     pairs (i, i + D/2) rotated by the angle whose cos and sin the tables hold, in fp32."""
     return _ops.rotary(x, cos, sin, inverse)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm over the last dim, ``x * rsqrt(mean(x^2) + eps) * weight``, in fp32, returned in
+    ``out_dtype`` (default x's): under autocast, pass the autocast dtype to get the copy the next
+    GEMM reads without a separate cast."""
+    return _ops.rms_norm(x, None, weight, eps, out_dtype)[1]
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float = 1e-6,
+                 out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The residual add and the next RMSNorm in one pass: ``s = x + delta`` (in x's dtype; delta
+    may be narrower, e.g. a bf16 sublayer output on an fp32 stream) and ``rms_norm(s)`` in
+    ``out_dtype``. Returns (s, normed)."""
+    return _ops.rms_norm(x, delta, weight, eps, out_dtype)
 
 
 # ---- fake kernels (shapes and dtypes only) --------------------------------------------------
@@ -142,6 +157,19 @@ def _expert_ffn_backward_fake(grad_y, x, permutation, offsets, inverse, w13, w2,
 def _rotary_fake(x, cos, sin, inverse=False):
     torch._check(x.dim() == 4 and x.shape[3] % 2 == 0, lambda: "fomoe.rotary: x must be [B, S, H, even D]")
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fomoe::rms_norm")
+def _rms_norm_fake(x, delta, weight, eps, out_dtype=None):
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], lambda: "fomoe.rms_norm: weight must be [d]")
+    s = x.new_empty(x.shape) if delta is not None else x.new_empty((0,))
+    return s, x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("fomoe::rms_norm_backward")
+def _rms_norm_backward_fake(grad_normed, grad_sum, s, weight, eps, delta_dtype=None):
+    grad_delta = s.new_empty(s.shape, dtype=delta_dtype) if delta_dtype is not None else s.new_empty((0,))
+    return torch.empty_like(s), grad_delta, torch.empty_like(weight)
 
 
 # ---- reference fallback where a build has no device kernel -----------------------------------

@@ -163,6 +163,32 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
+def rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``s = x + delta`` rounded to x's dtype (an empty tensor when delta is None: s is x), and
+    ``s * rsqrt(mean(s^2) + eps) * weight`` over the last dim in ``out_dtype`` (default x's)."""
+    acc = _acc(x.dtype)
+    s = x if delta is None else (x.to(acc) + delta.to(acc)).to(x.dtype)
+    sa = s.to(acc)
+    normed = sa * torch.rsqrt(sa.square().mean(-1, keepdim=True) + eps) * weight.to(acc)
+    return (x.new_empty((0,)) if delta is None else s), normed.to(out_dtype or x.dtype)
+
+
+def rms_norm_backward(grad_normed: Tensor, grad_sum: Tensor | None, s: Tensor, weight: Tensor, eps: float,
+                      delta_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``rms_norm`` by autograd through the reference: grad_s (the norm's plus
+    ``grad_sum``), the same in ``delta_dtype`` (else an empty tensor), grad_weight."""
+    acc = _acc(s.dtype)
+    leaves = [s.detach().to(acc).requires_grad_(True), weight.detach().to(acc).requires_grad_(True)]
+    with torch.enable_grad():
+        _, normed = rms_norm(leaves[0], None, leaves[1], eps)
+        grad_s, grad_w = torch.autograd.grad(normed, leaves, grad_normed.to(acc))
+    if grad_sum is not None:
+        grad_s = grad_s + grad_sum.to(acc)
+    grad_delta = grad_s.to(delta_dtype) if delta_dtype is not None else s.new_empty((0,))
+    return grad_s.to(s.dtype), grad_delta, grad_w.to(weight.dtype)
+
+
 def moe_loop(x: Tensor, router_weight: Tensor, w13_full: Tensor, w2_full: Tensor, top_k: int, score: str,
              renormalize: bool, resident: Tensor | None = None, policy: str = "skip",
              renormalize_kept: bool = False) -> Tensor:

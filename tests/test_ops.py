@@ -249,6 +249,98 @@ def test_rotary_rejects_bad_input(gen):
         ops.rotary(x.long(), cos, sin)
 
 
+# ---- rms_norm / add_rms_norm --------------------------------------------------------------
+
+NORM_DTYPES = [  # (stream, delta, out): an fp32 stream with narrower companions, or one dtype
+    (torch.float32, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16, torch.float32), (torch.float64, torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("x_dtype,delta_dtype,out_dtype", NORM_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 7), (1, 1), (0, 4), (4, 130)])
+def test_rms_norm_matches_reference(shape, x_dtype, delta_dtype, out_dtype, gen):
+    x = (torch.randn(shape, generator=gen) * 3).to(x_dtype)
+    delta = torch.randn(shape, generator=gen).to(delta_dtype)
+    w = torch.rand(shape[-1], generator=gen) + 0.5
+    s, normed = ops.add_rms_norm(x, delta, w, 1e-5, out_dtype)
+    s_ref, normed_ref = ref.rms_norm(x, delta, w, 1e-5, out_dtype)
+    assert s.dtype == x_dtype and normed.dtype == out_dtype and s.shape == normed.shape == x.shape
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)  # one rounding of the same fp32 sum
+    torch.testing.assert_close(normed, normed_ref)
+    alone = ops.rms_norm(x, w, 1e-5, out_dtype)
+    torch.testing.assert_close(alone, ref.rms_norm(x, None, w, 1e-5, out_dtype)[1])
+    if x_dtype == out_dtype == torch.float32:  # what torch's own RMSNorm computes
+        torch.testing.assert_close(alone, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5))
+
+
+def test_rms_norm_gradients(gen):
+    x = torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(9, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    torch.autograd.gradcheck(lambda a, b: ops.rms_norm(a, b, 1e-5), (x, w))
+    # Both outputs feed the loss: the sum's gradient joins the norm's.
+    torch.autograd.gradcheck(lambda a, b, c: torch.cat([t.reshape(-1) for t in ops.add_rms_norm(a, b, c, 1e-5)]),
+                             (x, delta, w))
+    # Only the normed output used (the last norm of a model): the sum gets no gradient of its own.
+    torch.autograd.gradcheck(lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-5)[1], (x, delta, w))
+    # Only the sum used: the plain residual path.
+    torch.autograd.gradcheck(lambda a, b: ops.add_rms_norm(a, b, w, 1e-5)[0], (x, delta))
+
+
+def test_add_rms_norm_gradients_in_mixed_dtypes(gen):
+    # An fp32 stream, a bf16 sublayer output, a bf16 normed copy: gradients in each input's dtype,
+    # equal to the fp64 reference's up to the bf16 rounding of the incoming gradient.
+    x = torch.randn(7, 16, generator=gen, requires_grad=True)
+    delta = torch.randn(7, 16, generator=gen).bfloat16().requires_grad_(True)
+    w = (torch.rand(16, generator=gen) + 0.5).requires_grad_(True)
+    s, normed = ops.add_rms_norm(x, delta, w, 1e-5, torch.bfloat16)
+    g_s, g_n = torch.randn(7, 16, generator=gen), torch.randn(7, 16, generator=gen).bfloat16()
+    torch.autograd.backward([s, normed], [g_s, g_n])
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, delta, w)]
+    total = leaves[0] + leaves[1]
+    n_ref = ref.rms_norm(total, None, leaves[2], 1e-5)[1]
+    torch.autograd.backward([total, n_ref], [g_s.double(), g_n.double()])
+    assert x.grad.dtype == torch.float32 and delta.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, leaves[0].grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(delta.grad, leaves[1].grad.bfloat16())
+    torch.testing.assert_close(w.grad, leaves[2].grad.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_backward_matches_reference(gen):
+    s = torch.randn(70, 12, generator=gen)  # more rows than one weight-gradient chunk
+    w = torch.rand(12, generator=gen) + 0.5
+    g, g_sum = torch.randn(70, 12, generator=gen), torch.randn(70, 12, generator=gen)
+    for grad_sum, delta_dtype in ((g_sum, torch.bfloat16), (None, None)):
+        got = torch.ops.fomoe.rms_norm_backward(g, grad_sum, s, w, 1e-5, delta_dtype)
+        want = ref.rms_norm_backward(g, grad_sum, s, w, 1e-5, delta_dtype)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_rejects_bad_input(gen):
+    x, w = torch.randn(3, 4, generator=gen), torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"weight must be \[d=4\]"):
+        ops.rms_norm(x, torch.ones(5))
+    with pytest.raises(RuntimeError, match="delta must have x's shape"):
+        ops.add_rms_norm(x, torch.randn(3, 5), w)
+    with pytest.raises(RuntimeError, match="x must be floating"):
+        ops.rms_norm(x.long(), w)
+    with pytest.raises(RuntimeError, match="out_dtype must be Float, Half or BFloat16"):
+        ops.rms_norm(x, w, 1e-5, torch.int32)
+    with pytest.raises(RuntimeError, match="d > 0"):
+        ops.rms_norm(torch.randn(3, 0), torch.ones(0))
+    # Companion dtypes only: the stream's own, or 16-bit ones on an fp32 stream.
+    with pytest.raises(RuntimeError, match="delta must be Float, Half or BFloat16"):
+        ops.add_rms_norm(x, torch.randn(3, 4, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match=r"out_dtype must be BFloat16 \(the stream's dtype\)"):
+        ops.rms_norm(x.bfloat16(), w, 1e-5, torch.float32)
+    with pytest.raises(RuntimeError, match="grad_normed must be"):
+        torch.ops.fomoe.rms_norm_backward(x.double(), None, x, w, 1e-5, None)
+
+
 # ---- opcheck ------------------------------------------------------------------------------
 
 def _opcheck_samples(gen):
@@ -281,6 +373,13 @@ def _opcheck_samples(gen):
                         p["w13"].clone().requires_grad_(True), p["w2"].clone().requires_grad_(True), gate, True)),
         ("expert_ffn_backward", (torch.randn(9, 6, generator=gen), p["x"], perm, offsets, inv, p["w13"], p["w2"],
                                  gate, h, torch.float64)),
+        ("rms_norm", (torch.randn(3, 4, 8, generator=gen, requires_grad=True),
+                      torch.randn(3, 4, 8, generator=gen).bfloat16().requires_grad_(True),
+                      torch.rand(8, generator=gen).requires_grad_(True), 1e-5, torch.bfloat16)),
+        ("rms_norm", (torch.randn(5, 8, generator=gen, requires_grad=True), None,
+                      torch.rand(8, generator=gen).requires_grad_(True), 1e-5, None)),
+        ("rms_norm_backward", (torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen),
+                               torch.randn(5, 8, generator=gen), torch.rand(8, generator=gen), 1e-5, torch.bfloat16)),
     ]
 
 
@@ -288,7 +387,7 @@ def test_opcheck_covers_every_op(gen):
     assert {name for name, _ in _opcheck_samples(gen)} == set(ops.OP_NAMES)
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(19))
 def test_opcheck(index, gen):
     name, args = _opcheck_samples(gen)[index]
     torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)

@@ -14,6 +14,15 @@ inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Sum over aligned groups of G lanes (G a power of two dividing 32). Butterfly order: every
+// lane ends with the same value, and the result does not depend on timing.
+template <int G, typename V>
+__device__ __forceinline__ V group_sum(V v) {
+#pragma unroll
+  for (int m = G / 2; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m, G);
+  return v;
+}
+
 }  // namespace fomoe::cuda
 
 #define FOMOE_RETURN_IF_ERROR(expr)              \

@@ -59,14 +59,7 @@ __device__ __forceinline__ A sigmoid_acc(A v) {
   return A(1) / (A(1) + exp_acc(-v));
 }
 
-// Reductions over aligned groups of G lanes (G a power of two dividing 32). Butterfly order:
-// every lane ends with the same value, and the result does not depend on timing.
-template <int G, typename V>
-__device__ __forceinline__ V group_sum(V v) {
-#pragma unroll
-  for (int m = G / 2; m > 0; m /= 2) v += __shfl_xor_sync(kFullMask, v, m, G);
-  return v;
-}
+// group_sum: common.cuh. The max in the same butterfly order:
 template <int G, typename V>
 __device__ __forceinline__ V group_max(V v) {  // NaN-ignoring, like std::max(acc, v) from -inf
 #pragma unroll
