@@ -86,7 +86,9 @@ def other_ops(gen):
         ops.rotary(torch.randn(B, D, S, H, generator=gen).cuda().permute(0, 2, 3, 1), cos, sin)  # head_dim strided
         ran.append("rotary")
     if "rms_norm" not in ops.reference_fallbacks():
-        for rows, d in ((37, 64), (9, 130)):  # vector path; d not a multiple of 4: element path
+        # Vector path; d not a multiple of 4: element path; a row past 8192 elements: read twice,
+        # with the weight gradient's own pass.
+        for rows, d in ((37, 64), (9, 130), (3, 8200)):
             x = torch.randn(rows, d, generator=gen).cuda().requires_grad_(True)
             delta = torch.randn(rows, d, generator=gen).to(torch.bfloat16).cuda().requires_grad_(True)
             w = torch.rand(d, generator=gen).cuda().requires_grad_(True)

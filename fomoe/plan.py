@@ -354,8 +354,9 @@ class Hardware:
     inputs and autocast's weight copies in bf16). global_on: where the sync manager keeps
     θ_global, its outer momentum and sync buffers (``gpu``: with the model, as ``fomoe train``
     does; ``host``: in CPU memory). recompute: activation checkpointing of every layer.
-    fused_rmsnorm: RMSNorm keeps only its input and 1/rms for backward (PyTorch's fused CUDA
-    kernel); False for the composite CPU path, which also keeps the normalized output.
+    fp32_weight_grads: the GEMMs write the fp32 master weights' gradients straight from their
+    accumulators (fomoe's Hopper kernels under autocast); False where they are computed in the
+    compute dtype and widened (the CPU and portable GPU kernels: one more buffer per layer).
     """
 
     gpu_memory_gib: float = 140.0
@@ -366,7 +367,7 @@ class Hardware:
     autocast_bf16: bool = True
     global_on: str = "gpu"
     recompute: bool = False
-    fused_rmsnorm: bool = True
+    fp32_weight_grads: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("gpus_per_worker", self.gpus_per_worker)
@@ -454,13 +455,12 @@ class Training:
 
 # ---- activation memory ----------------------------------------------------------------------------
 
-def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = True,
-                           fused_rmsnorm: bool = True) -> int:
+def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = True) -> int:
     """Bytes per token that one layer of ``fomoe.lm.MoELM`` keeps for backward.
 
     The residual stream is fp32; matmul inputs are cast to bf16 under autocast (a = 2 bytes,
-    else 4). Saved: each RMSNorm's fp32 input and 1/rms (the composite CPU path also keeps
-    the normalized output: ``fused_rmsnorm=False``); the qkv projection's input and output
+    else 4). Saved: each RMSNorm's fp32 input, the residual sum (``fomoe.ops.add_rms_norm``
+    recomputes 1/rms in its backward, on both devices); the qkv projection's input and output
     (rotary embedding keeps views of it); rotated queries and keys; the attention output and
     its log-sum-exp; the output projection's input; for MoE layers the router's fp32 input,
     logits, probabilities and z-loss log-sum-exp, the routing tables, the expert op's bf16
@@ -471,7 +471,7 @@ def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = T
     a = 2 if autocast_bf16 else 4
     d = shape.d_model
     q, k, v, o = shape.attention_widths()
-    norm = 4 * d + 4 + (0 if fused_rmsnorm else 4 * d)
+    norm = 4 * d
     attn = norm + a * d + a * (q + k) + a * o + 4 * shape.n_heads + a * o
     if shape.attention == "mla":
         ql, kvl, rope = shape.q_lora_rank, shape.kv_lora_rank, shape.qk_rope_head_dim
@@ -489,12 +489,12 @@ def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = T
     return attn + norm + router + experts + shared
 
 
-def head_activation_bytes(shape: ModelShape, autocast_bf16: bool = True, fused_rmsnorm: bool = True) -> int:
+def head_activation_bytes(shape: ModelShape, autocast_bf16: bool = True) -> int:
     """Per token: the token ids and targets, the final norm and the head's input (the logits
     are counted apart)."""
     a = 2 if autocast_bf16 else 4
     d = shape.d_model
-    return 16 + 4 * d + 4 + (0 if fused_rmsnorm else 4 * d) + a * d
+    return 16 + 4 * d + a * d
 
 
 def logits_bytes(shape: ModelShape, tokens: int) -> int:
@@ -504,22 +504,22 @@ def logits_bytes(shape: ModelShape, tokens: int) -> int:
     return 12 * shape.vocab_size * tokens + 6 * shape.vocab_size * shape.d_model
 
 
-def backward_transient_bytes(shape: ModelShape, tokens: int, layer_experts: int, autocast_bf16: bool = True) -> int:
+def backward_transient_bytes(shape: ModelShape, tokens: int, layer_experts: int, autocast_bf16: bool = True,
+                             fp32_weight_grads: bool = True) -> int:
     """Working memory of the backward of one MoE layer while every activation is still alive:
-    the gradient of the expert op's pre-SwiGLU rows, and the layer's expert weight gradients
-    in the compute dtype before they are added to the fp32 ones; plus the head's fp32 weight
-    gradient, created first."""
+    the gradient of the expert op's pre-SwiGLU rows, and (unless the GEMMs write the fp32
+    gradients directly) the layer's expert weight gradients in the compute dtype before they
+    are widened; plus the head's fp32 weight gradient, created first."""
     a = 2 if autocast_bf16 else 4
-    return (a * tokens * shape.top_k * 2 * shape.expert_d_ff + a * layer_experts * shape.expert_numel()
-            + 4 * shape.vocab_size * shape.d_model)
+    narrow_grads = 0 if (fp32_weight_grads or not autocast_bf16) else a * layer_experts * shape.expert_numel()
+    return a * tokens * shape.top_k * 2 * shape.expert_d_ff + narrow_grads + 4 * shape.vocab_size * shape.d_model
 
 
-def activation_bytes(shape: ModelShape, tokens: int, autocast_bf16: bool = True, recompute: bool = False,
-                     fused_rmsnorm: bool = True) -> int:
+def activation_bytes(shape: ModelShape, tokens: int, autocast_bf16: bool = True, recompute: bool = False) -> int:
     """Bytes saved for backward by one forward over ``tokens`` tokens (logits not included).
     With ``recompute`` (activation checkpointing per layer) only every layer's fp32 input is
     kept, plus one layer's activations while it is recomputed."""
-    kw = dict(autocast_bf16=autocast_bf16, fused_rmsnorm=fused_rmsnorm)
+    kw = dict(autocast_bf16=autocast_bf16)
     dense = layer_activation_bytes(shape, moe=False, **kw) if shape.dense_layers else 0
     moe = layer_activation_bytes(shape, moe=True, **kw)
     head = head_activation_bytes(shape, **kw)
@@ -656,10 +656,11 @@ def worker_memory(shape: ModelShape, method: str, local_experts: int, footprint:
         sync_buffer = max(4 * f.largest_numel + extra, held * pb)
     gpus = hardware.gpus_per_worker
     tokens = training.micro_batch * training.seq_len
-    acts = gpus * activation_bytes(shape, tokens, hardware.autocast_bf16, hardware.recompute, hardware.fused_rmsnorm)
+    acts = gpus * activation_bytes(shape, tokens, hardware.autocast_bf16, hardware.recompute)
     copies = (2 * shape.matmul_params(local_experts)) if hardware.autocast_bf16 else 0
     layer_experts = -(-local_experts // shape.moe_layers)
-    transient = gpus * backward_transient_bytes(shape, tokens, layer_experts, hardware.autocast_bf16)
+    transient = gpus * backward_transient_bytes(shape, tokens, layer_experts, hardware.autocast_bf16,
+                                                hardware.fp32_weight_grads)
     return Memory(weights=weights, grads=grads, optimizer=optimizer,
                   theta_global=held * pb if outer else 0, theta_global_grad=held * pb if outer else 0,
                   outer_momentum=held * pb if outer else 0, compression_residual=4 * f.residual_numel if outer else 0,

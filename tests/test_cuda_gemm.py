@@ -340,6 +340,24 @@ def test_expert_ffn_fp32_master_weights(T, d, f, E, k, L, empty_edges, gen):
             assert got.dtype == low.dtype and rel_err(got.float(), low.float()) < 1e-2, name
 
 
+def test_all_skipped_call_gives_zero_weight_gradients_in_their_dtype(gen):
+    # Every assignment to a non-resident expert: no rows reach the GEMMs, and the fp32 master
+    # weights still get fp32 zero gradients of their own shape (and x a zero gradient).
+    T, d, f = 9, 64, 32
+    ids = torch.full((T, 2), 3, dtype=torch.int32, device=DEV)
+    perm, offsets, inverse = ops.dispatch(ids, torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEV), 2)
+    assert int(offsets[-1]) == 0
+    x = bf16((T, d), gen).requires_grad_(True)
+    w13 = torch.randn(2, d, 2 * f, generator=gen).to(DEV).requires_grad_(True)
+    w2 = torch.randn(2, f, d, generator=gen).to(DEV).requires_grad_(True)
+    y = ops.expert_ffn(x, perm, offsets, inverse, w13, w2, torch.rand(T, 2, generator=gen).to(DEV))
+    assert (y == 0).all()
+    y.float().sum().backward()
+    for w in (w13, w2):
+        assert w.grad.dtype == torch.float32 and w.grad.shape == w.shape and (w.grad == 0).all()
+    assert (x.grad == 0).all()
+
+
 def test_expert_ffn_is_deterministic(gen):
     p = expert_problem(700, 128, 64, 16, 4, 16, gen)
     first = run_expert_ffn(p)

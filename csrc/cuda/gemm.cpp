@@ -151,8 +151,8 @@ at::Tensor grouped_weight_grad(const char* op, const at::Tensor& a, const at::Te
   const bool hopper = a.scalar_type() == at::kBFloat16 && k % 8 == 0 && m % 8 == 0 && aligned16(a) &&
                       aligned16(b) && hopper_path();
   const bool direct = out_dtype == a.scalar_type() || (hopper && out_dtype == at::kFloat);
+  if (groups * k * m == 0 || rows == 0) return at::zeros({groups, k, m}, a.options().dtype(out_dtype));
   auto out = at::empty({groups, k, m}, a.options().dtype(direct ? out_dtype : a.scalar_type()));
-  if (out.numel() == 0 || rows == 0) return out.zero_().to(out_dtype);
   const cudaStream_t stream = current_stream();
   const int g = static_cast<int>(groups);
   const int32_t* off = offsets.const_data_ptr<int32_t>();
