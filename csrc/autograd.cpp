@@ -222,11 +222,12 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
     const Tensor &s = saved[0], &weight = saved[1];
     const int64_t delta_code = ctx->saved_data["delta_dtype"].toInt();
     const bool has_delta = delta_code >= 0;
-    const Tensor& grad_sum = grads[0];
-    if (!grads[1].defined())  // only the sum was used: the residual path alone
-      return {grad_sum, has_delta && grad_sum.defined() ? grad_sum.to(static_cast<at::ScalarType>(delta_code)) : Tensor(),
-              Tensor(), Tensor(), Tensor()};
     const auto delta_t = static_cast<at::ScalarType>(delta_code);
+    const Tensor& grad_sum = grads[0];
+    if (!grads[1].defined()) {  // only the sum was used: the residual path alone
+      const bool to_delta = has_delta && grad_sum.defined();
+      return {grad_sum, to_delta ? grad_sum.to(delta_t) : Tensor(), Tensor(), Tensor(), Tensor()};
+    }
     const bool separate = has_delta && delta_t != s.scalar_type();
     auto [grad_s, grad_delta, grad_weight] = rms_norm_backward_op().call(
         grads[1], has_delta ? optional(grad_sum) : std::nullopt, s, weight, ctx->saved_data["eps"].toDouble(),

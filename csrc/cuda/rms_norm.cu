@@ -247,7 +247,9 @@ bool vectorizable(int64_t d, const P*... ptrs) {
   return d % N == 0 && (aligned(ptrs, N * sizeof(P)) && ...);
 }
 
-unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < kMaxBlocks ? (rows < 1 ? 1 : rows) : kMaxBlocks); }
+unsigned row_blocks(int64_t rows) {
+  return static_cast<unsigned>(rows < 1 ? 1 : (rows < kMaxBlocks ? rows : kMaxBlocks));
+}
 
 // Runs f(N, K) as integral constants: the widest access the operands allow, and the fewest
 // accesses a thread (2, 4 or 8) that hold the row: fewer registers, more blocks per SM. Rows of
