@@ -54,8 +54,9 @@ def _add_run_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
     g.add_argument("--outer-momentum", type=float, default=None, help="outer momentum (default 0.9)")
     g.add_argument("--weighted", action="store_true", default=None,
                    help="average each expert weighted by the tokens each holder routed to it")
-    g.add_argument("--compression", choices=("bf16", "int8"), default=None,
-                   help="compress pseudo-gradients on the wire (default: fp32)")
+    g.add_argument("--compression", choices=("bf16", "int8", "auto"), default=None,
+                   help="compress pseudo-gradients on the wire (default: fp32); auto: per holder group the "
+                        "cheaper of int8 (groups of up to 3) and bf16")
     g.add_argument("--skip-policy", choices=("skip", "reroute"), default=None,
                    help="non-resident experts: skip the assignment (default) or reroute to resident experts")
     m = p.add_argument_group("model")

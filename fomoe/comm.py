@@ -137,12 +137,27 @@ def int8_payload_bytes(numel: int) -> int:
     return numel + 4 * math.ceil(numel / INT8_BLOCK)
 
 
-def check_compression(compression: str | None) -> str | None:
+def check_compression(compression: str | None, allow_auto: bool = False) -> str | None:
+    """A wire format (None = fp32); with ``allow_auto`` also ``"auto"``, a schedule-level choice
+    that ``bucket_compression`` resolves per holder group."""
     if compression in ("none", "fp32"):
         return None
+    if compression == "auto" and allow_auto:
+        return compression
     if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of none, bf16, int8; got {compression!r}")
+        choices = "none, bf16, int8" + (", auto" if allow_auto else "")
+        raise ValueError(f"compression must be one of {choices}; got {compression!r}")
     return compression
+
+
+def bucket_compression(compression: str | None, group_size: int) -> str | None:
+    """The wire format of one holder group's sum. ``"auto"``: whichever of int8 and bf16 sends
+    fewer bytes. int8 runs as an all-gather, (n-1) payloads of ~1 byte per element per rank,
+    against the bf16 ring's 4(n-1)/n bytes: int8 for groups of up to 3 ranks, bf16 from 4 on
+    (where int8 would send more than bf16, and from 9 on more than fp32)."""
+    if compression != "auto":
+        return compression
+    return "int8" if group_size <= 3 else "bf16"
 
 
 def sum_bytes(numel: int, group_size: int, position: int, compression: str | None = None) -> tuple[int, int]:

@@ -315,7 +315,8 @@ class Federation:
     placement: how fomoe places experts: ``replicated:R`` (each expert on R workers, cyclic),
     ``replicated:R:random``, ``partition`` (R = 1), ``full`` (R = W) or a placement JSON file
     (see ``fomoe.placement``). ddp and diloco always hold full replicas.
-    compression: wire format of the pseudo-gradients (None = fp32, ``bf16``, ``int8``).
+    compression: wire format of the pseudo-gradients (None = fp32, ``bf16``, ``int8``, or
+    ``auto``: per holder group the one of int8 and bf16 that sends fewer bytes).
     weighted: experts averaged by the tokens each holder routed to them (one extra fp32 count
     per expert on the wire).
     """
@@ -330,7 +331,7 @@ class Federation:
     def __post_init__(self) -> None:
         _positive_int("workers", self.workers)
         _positive_int("sync_every (H)", self.sync_every)
-        object.__setattr__(self, "compression", comm.check_compression(self.compression))
+        object.__setattr__(self, "compression", comm.check_compression(self.compression, allow_auto=True))
 
     def placement_for(self, shape: ModelShape) -> Placement:
         return Placement.from_spec(self.placement, self.workers, shape.num_experts, shape.moe_layers, self.seed)
@@ -1097,7 +1098,10 @@ class Plan:
             experts = local * s.expert_numel()
             largest = max(s.dense_params(), experts)
             residual = ((s.dense_params() if W > 1 else 0) + (experts if r > 1 else 0)) if comp else 0
-        footprint = SyncFootprint(largest, residual, largest if comp else 0, W if comp else 0, comp)
+        # the largest bucket's holder group: every worker for the dense block, r for experts
+        group = W if r >= W or largest == s.dense_params() else r
+        footprint = SyncFootprint(largest, residual, largest if comp else 0, group if comp else 0,
+                                  comm.bucket_compression(comp, group))
         return worker_memory(s, "fomoe", local, footprint, self.hardware, self.training)
 
     def _smallest_workers(self, r: int) -> int | None:
@@ -1484,7 +1488,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r", type=int, help="fomoe replication: each expert on r workers (sets --placement)")
     g.add_argument("--placement", help="fomoe placement spec: replicated:R[:random], partition, full or a JSON file")
     g.add_argument("-H", "--sync-every", type=int, help="inner steps per outer sync")
-    g.add_argument("--compression", choices=("none", "bf16", "int8"), help="pseudo-gradient wire format")
+    g.add_argument("--compression", choices=("none", "bf16", "int8", "auto"),
+                   help="pseudo-gradient wire format (auto: per holder group the cheaper of int8 and bf16)")
     g.add_argument("--weighted", action="store_true", default=None, help="token-weighted expert averaging")
     g = p.add_argument_group("hardware")
     g.add_argument("--gpu-memory-gib", type=float)

@@ -137,7 +137,7 @@ def build_schedule(layout: ParamLayout, placement: Placement | None, method: str
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    compression = comm.check_compression(compression)
+    compression = comm.check_compression(compression, allow_auto=True)
     if placement is None:
         if method == "fomoe":
             raise ValueError("method 'fomoe' needs a placement")
@@ -179,7 +179,7 @@ def build_schedule(layout: ParamLayout, placement: Placement | None, method: str
         dense = layout.dense_numel if ranks == everyone else 0
         numel = dense + sum(layout.expert_numel[l][e] for l, e in experts)
         buckets.append(Bucket(ranks, numel, dense, experts, weighted=weighted and bool(experts),
-                              compression=compression))
+                              compression=comm.bucket_compression(compression, len(ranks))))
     return buckets
 
 
@@ -364,7 +364,7 @@ class SyncManager:
             raise ValueError(f"need outer_lr > 0 and 0 <= outer_momentum < 1, got {self.outer_lr}, "
                              f"{self.outer_momentum}")
         self.sync_every = 1 if method == "ddp" else sync_every
-        self.compression = comm.check_compression(compression)
+        self.compression = comm.check_compression(compression, allow_auto=True)
         self.moes = moe_layers(self.model)
         self.layout = ParamLayout.from_model(self.model)
         if placement is None:

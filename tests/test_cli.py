@@ -92,6 +92,7 @@ def test_wan_model_and_time_to_target(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--workers", "0"], "positive integer"),
     (["train", "--method", "sgd"], "invalid choice"),
+    (["train", "--compression", "int4"], "invalid choice"),
     (["train", "--method", "diloco", "--placement", "replicated(2)"], "full replicas"),
     (["train", "--placement", "replicated(9)"], "exceeds the number of workers"),
     (["train", "--placement", "scattered"], "unknown placement spec"),

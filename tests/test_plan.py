@@ -207,6 +207,7 @@ CASES = [  # (method, fomoe placement, H, compression, weighted, steps)
     ("fomoe", "partition", 2, "int8", False, 4),
     ("diloco", "full", 2, None, False, 4),
     ("diloco", "full", 1, "int8", True, 2),
+    ("fomoe", "replicated:2", 2, "auto", False, 2),   # bf16 for the dense block of 4, int8 for pairs
     ("ddp", "full", 1, None, False, 2),
 ]
 

@@ -90,6 +90,24 @@ def test_weighted_and_compressed_buckets_count_their_bytes():
     assert int8.traffic(0) == (n + 4 * (n // 256),) * 2             # int8 payload + fp32 scale per 256
 
 
+def test_auto_compression_picks_the_cheaper_wire_format_per_group():
+    # int8 runs as an all-gather: (n-1) payloads per rank, cheaper than the bf16 ring only for
+    # groups of up to 3; the dense block over all 5 workers goes bf16, expert pairs and triples int8.
+    layout = ParamLayout.from_sizes(1000, 1, 6, 512)
+    for r in (2, 3, 4):
+        buckets = build_schedule(layout, Placement.replicated(5, 6, 1, r), "fomoe", compression="auto")
+        for b in buckets:
+            n = len(b.ranks)
+            assert b.compression == ("int8" if n <= 3 else "bf16"), (r, b.ranks)
+            if n > 1:
+                other = build_schedule(layout, Placement.replicated(5, 6, 1, r), "fomoe",
+                                       compression="bf16" if b.compression == "int8" else "int8")
+                twin = next(o for o in other if o.ranks == b.ranks)
+                assert b.traffic(b.ranks[0])[0] <= twin.traffic(b.ranks[0])[0]
+    with pytest.raises(ValueError, match="none, bf16, int8, auto"):
+        build_schedule(layout, Placement.replicated(5, 6, 1, 2), "fomoe", compression="int4")
+
+
 def test_schedule_rejects_mismatches():
     layout = ParamLayout.from_sizes(10, 2, 4, 8)
     with pytest.raises(ValueError, match="needs full replicas"):
