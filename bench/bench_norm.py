@@ -20,7 +20,6 @@ fomoe's speedup over each peer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import fomoe
 from fomoe import ops
-from graph_timing import graph_replay_ms
+from graph_timing import graph_replay_ms, write_rows_json
 
 EPS = 1e-5
 
@@ -93,8 +92,7 @@ def main(argv=None) -> int:
               f"{fmt(times.get('compiled'), '{:.3f}')} | {fmt(speedup['torch'], '{:.2f}x')} | "
               f"{fmt(speedup['compiled'], '{:.2f}x')} |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_rows_json(args.json, rows)
     return 0
 
 

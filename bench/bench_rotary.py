@@ -20,14 +20,13 @@ fomoe's speedup over each peer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 import fomoe
 from fomoe import ops
-from graph_timing import graph_replay_ms
+from graph_timing import graph_replay_ms, write_rows_json
 
 
 def torch_fp32(x, cos, sin):
@@ -86,8 +85,7 @@ def main(argv=None) -> int:
         print(f"| {B}, {S}, {H}, {D} | {times['fomoe']:.3f} | {row['fomoe_gb_per_s']:,.0f} | {times['torch fp32']:.3f} | "
               f"{times['torch bf16']:.3f} | {row['vs_torch_fp32']:.2f}x | {row['vs_torch_bf16']:.2f}x |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_rows_json(args.json, rows)
     return 0
 
 

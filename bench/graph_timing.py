@@ -1,4 +1,5 @@
-"""Device time of work replayed from a CUDA graph, shared by the benchmarks.
+"""Device time of work replayed from a CUDA graph, shared by the benchmarks, and the JSON
+record the kernel microbenchmarks that use it write.
 
 Replaying a captured graph leaves out the host (Python, dispatcher, launches), so the time is
 the kernels' and the gaps between them.
@@ -6,6 +7,7 @@ the kernels' and the gaps between them.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import torch
@@ -40,3 +42,9 @@ def graph_replay_ms(calls, reps: int, warmups: int = 1) -> float:
         times.append(start.elapsed_time(end))
     del graph
     return statistics.median(times)
+
+
+def write_rows_json(path: str, rows: list[dict]) -> None:
+    """A microbenchmark's rows with the GPU and the torch version they were measured on."""
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
