@@ -520,10 +520,9 @@ def activation_bytes(shape: ModelShape, tokens: int, autocast_bf16: bool = True,
     """Bytes saved for backward by one forward over ``tokens`` tokens (logits not included).
     With ``recompute`` (activation checkpointing per layer) only every layer's fp32 input is
     kept, plus one layer's activations while it is recomputed."""
-    kw = dict(autocast_bf16=autocast_bf16)
-    dense = layer_activation_bytes(shape, moe=False, **kw) if shape.dense_layers else 0
-    moe = layer_activation_bytes(shape, moe=True, **kw)
-    head = head_activation_bytes(shape, **kw)
+    dense = layer_activation_bytes(shape, moe=False, autocast_bf16=autocast_bf16) if shape.dense_layers else 0
+    moe = layer_activation_bytes(shape, moe=True, autocast_bf16=autocast_bf16)
+    head = head_activation_bytes(shape, autocast_bf16=autocast_bf16)
     if recompute:
         per_token = shape.n_layers * 4 * shape.d_model + max(dense, moe) + head
     else:

@@ -28,11 +28,6 @@ const P* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? ptr<P>(t) : nullptr;
 }
 
-template <typename P>
-P* mutable_ptr_or_null(at::Tensor& t) {
-  return t.defined() ? mutable_ptr<P>(t) : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& delta_in,
                                                  const at::Tensor& weight, double eps,
                                                  std::optional<at::ScalarType> out_dtype) {
