@@ -4,6 +4,9 @@
 
 For each kernel and shape it times fomoe's op and the plain-PyTorch equivalent:
 
+  router    router logits forward + backward on a bf16 input (the copy the experts read):
+            fomoe.ops.router_logits (bf16 pieces of the fp32 operands on tensor cores) vs
+            F.linear(x.float(), w) (fp32 GEMMs), both fp32-accurate (error vs fp64 reported)
   route     torch.softmax(fp32) + torch.topk + renormalise (the usual Mixtral-style router)
   dispatch  resident-map mask + stable argsort + bincount + cumsum + inverse scatter
   gather    index_select of token rows into expert order (scaled: times a per-row weight, fp32
@@ -110,6 +113,34 @@ def row(kernel, shape, dtype, fomoe_graph, torch_graph, fomoe_eager, torch_eager
     print(f"  {kernel:9s} {shape:28s} {r['dtype']:9s} fomoe {fomoe_graph:8.1f} us  torch {torch_graph:8.1f} us  "
           f"x{r['speedup']:5.1f}" + (f"  {r['fomoe_GBps']:6.0f} GB/s = {r['pct_of_copy']:5.1f}% of copy"
                                     if nbytes is not None else ""), flush=True)
+    return r
+
+
+def bench_router_logits(T, d, E, gen):
+    w = (torch.randn(E, d, generator=gen, device="cuda") * 0.02).requires_grad_(True)
+    sets = input_sets(lambda: (torch.randn(T, d, generator=gen, device="cuda").to(BF16).requires_grad_(True),
+                               torch.randn(T, E, generator=gen, device="cuda")), T * d * 2 + T * E * 4)
+
+    def ours(x, g):
+        return torch.autograd.grad(ops.router_logits(x, w), (x, w), g)
+
+    def theirs(x, g):
+        return torch.autograd.grad(torch.nn.functional.linear(x.float(), w), (x, w), g)
+
+    f = graph_us([lambda s=s: ours(*s) for s in sets])
+    t = graph_us([lambda s=s: theirs(*s) for s in sets])
+    fe, te = eager_us(lambda: ours(*sets[0])), eager_us(lambda: theirs(*sets[0]))
+    x = sets[0][0].detach()
+    exact = x.double() @ w.detach().double().T
+    scale = 2.0 ** -24 * (x.double().abs() @ w.detach().double().abs().T).max()
+    r = row("router", f"T={T} d={d} E={E}", BF16, f, t, fe, te)
+    r["logit_err_fomoe_u"] = ((ops.router_logits(x, w).double() - exact).abs().max() / scale).item()
+    r["logit_err_torch_u"] = ((torch.nn.functional.linear(x.float(), w).double() - exact).abs().max() / scale).item()
+    bf16_router = torch.mm(x, w.detach().to(BF16).T, out_dtype=torch.float32)  # the fast, inexact alternative
+    r["logit_err_bf16_weights_u"] = ((bf16_router.double() - exact).abs().max() / scale).item()
+    print(f"            max logit error vs fp64, in units of 2^-24 max|terms|: fomoe {r['logit_err_fomoe_u']:.2f}, "
+          f"torch {r['logit_err_torch_u']:.2f} (a bf16 copy of the weights: {r['logit_err_bf16_weights_u']:.0f})",
+          flush=True)
     return r
 
 
@@ -263,7 +294,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_routing: needs a CUDA GPU; nothing to measure on this machine")
         return 0
-    fallbacks = [n for n in ("route", "dispatch", "gather", "combine") if n in ops.reference_fallbacks()]
+    fallbacks = [n for n in ("router_logits", "route", "dispatch", "gather", "combine") if n in ops.reference_fallbacks()]
     if fallbacks:
         print(f"bench_routing: this build has no CUDA kernels for {fallbacks}; build with CUDA first")
         return 1
@@ -275,6 +306,11 @@ def main(argv=None):
     print(f"bench_routing on {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}", flush=True)
 
     results = []
+    print("router: fomoe.ops.router_logits vs F.linear(x.float(), w), bf16 x, forward + backward", flush=True)
+    for T, d, E in ((16384, 1024, 64), (16384, 2048, 128), (8192, 4096, 8)):
+        results.append(bench_router_logits(T, d, E, gen))
+        if args.quick:
+            break
     print("route: fomoe.route vs softmax + topk + renormalise", flush=True)
     route_shapes = [(16384, 128, 8), (8192, 8, 2)]
     for T, E, k in route_shapes:

@@ -97,6 +97,13 @@ def other_ops(gen):
         storage = torch.randn(37 * 64 + 1, generator=gen).cuda()
         ops.rms_norm(storage[1:].view(37, 64), torch.ones(64, device="cuda"))       # misaligned: element path
         ran.append("rms_norm(+backward)")
+    if "router_logits" not in ops.reference_fallbacks():
+        # bf16 pieces of the weight and of the logits' gradient; odd sizes; a bf16 weight.
+        for T, d, E, w_dtype in ((37, 64, 8, torch.float32), (5, 72, 1, torch.float32), (9, 40, 3, torch.bfloat16)):
+            x = torch.randn(T, d, generator=gen).to(torch.bfloat16).cuda().requires_grad_(True)
+            w = torch.randn(E, d, generator=gen).to(w_dtype).cuda().requires_grad_(True)
+            ops.router_logits(x, w).square().sum().backward()
+        ran.append("router_logits(+backward)")
     return ran
 
 

@@ -7,6 +7,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +25,9 @@ using torch::autograd::variable_list;
 
 // ---- the ops the formulas call ------------------------------------------------------------
 
+using RouterLogitsSig = Tensor(const Tensor&, const Tensor&);
+using RouterLogitsBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                           std::array<bool, 2>);
 using RouteSig = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, c10::string_view, bool);
 using RouteBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view, bool);
 using RowsSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&);  // gather, combine
@@ -46,6 +50,8 @@ using RmsNormBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, con
     static const auto handle = op_handle<Sig>(name); \
     return handle;                                   \
   }
+FOMOE_OP(router_logits_op, RouterLogitsSig, "fomoe::router_logits")
+FOMOE_OP(router_logits_backward_op, RouterLogitsBackwardSig, "fomoe::router_logits_backward")
 FOMOE_OP(route_op, RouteSig, "fomoe::route")
 FOMOE_OP(route_backward_op, RouteBackwardSig, "fomoe::route_backward")
 FOMOE_OP(gather_op, RowsSig, "fomoe::gather")
@@ -64,6 +70,21 @@ OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t
 bool present(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
 // ---- formulas -------------------------------------------------------------------------------
+
+struct RouterLogits : torch::autograd::Function<RouterLogits> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto logits = router_logits_op().call(x, weight);
+    ctx->save_for_backward({x, weight});
+    return {logits};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 2> needed{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    auto [grad_x, grad_weight] = router_logits_backward_op().call(grads[0], saved[0], saved[1], needed);
+    return {needed[0] ? grad_x : Tensor(), needed[1] ? grad_weight : Tensor()};
+  }
+};
 
 struct Route : torch::autograd::Function<Route> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t top_k, c10::string_view score,
@@ -238,6 +259,8 @@ struct RmsNorm : torch::autograd::Function<RmsNorm> {
 
 // ---- the Autograd kernels (the schema's signatures) -----------------------------------------
 
+Tensor router_logits_autograd(const Tensor& x, const Tensor& weight) { return RouterLogits::apply(x, weight)[0]; }
+
 std::tuple<Tensor, Tensor> route_autograd(const Tensor& logits, int64_t top_k, c10::string_view score,
                                           bool renormalize) {
   auto out = Route::apply(logits, top_k, score, renormalize);
@@ -278,6 +301,7 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& x, const OptionalTens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fomoe, Autograd, m) {
+  m.impl("router_logits", &router_logits_autograd);
   m.impl("route", &route_autograd);
   m.impl("gather", &gather_autograd);
   m.impl("combine", &combine_autograd);

@@ -280,4 +280,23 @@ inline void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor
   }
 }
 
+inline void check_router_logits(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  FOMOE_CHECK(x.dim() == 2, "fomoe.", op, ": x must be 2-D [tokens, d_model], got shape ", x.sizes());
+  FOMOE_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.size(0) > 0, "fomoe.", op,
+              ": weight must be [experts > 0, d_model=", x.size(1), "], got shape ", weight.sizes());
+  FOMOE_CHECK(is_float_dtype(x.scalar_type()), "fomoe.", op, ": x must be floating, got ", x.scalar_type());
+  FOMOE_CHECK(is_float_dtype(weight.scalar_type()), "fomoe.", op, ": weight must be floating, got ",
+              weight.scalar_type());
+  check_same_device(op, x, weight, "weight");
+}
+
+inline void check_router_logits_backward(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                         const at::Tensor& weight) {
+  check_router_logits(op, x, weight);
+  FOMOE_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0), "fomoe.", op,
+              ": grad must be [tokens=", x.size(0), ", experts=", weight.size(0), "], got shape ", grad.sizes());
+  FOMOE_CHECK(is_float_dtype(grad.scalar_type()), "fomoe.", op, ": grad must be floating, got ", grad.scalar_type());
+  check_same_device(op, x, grad, "grad");
+}
+
 }  // namespace fomoe

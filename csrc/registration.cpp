@@ -5,6 +5,15 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fomoe, m) {
+  // Router logits [T, E] = x [T, d] @ weight [E, d]^T, fp32 (fp64 for fp64 x) for any float x
+  // and weight, under autocast too. A bf16 x is not widened on CUDA: the weight goes in as three
+  // bf16 pieces summing to it exactly, so every product is exact in the GEMM's fp32
+  // accumulators (tensor cores, not the FMA units an fp32 GEMM takes). The backward returns
+  // grad_x in x's dtype (one rounding of an fp32-accurate value) and grad_weight in weight's,
+  // each an empty tensor where output_mask says it is not needed.
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
+  m.def("router_logits_backward(Tensor grad, Tensor x, Tensor weight, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_weight)");
+
   // Router: logits [T, E] -> gate weights [T, k] (fp32; fp64 for fp64 logits) and expert
   // ids [T, k] (int32), sorted by descending score. score: "softmax" | "sigmoid".
   m.def("route(Tensor logits, int top_k, str score=\"softmax\", bool renormalize=True) -> (Tensor weights, Tensor ids)");

@@ -18,8 +18,9 @@ from . import _extension  # noqa: F401  (the op library must be loaded first)
 from . import reference
 
 _ops = torch.ops.fomoe
-OP_NAMES = ("route", "route_backward", "dispatch", "gather", "combine", "combine_gate_grad", "grouped_mm",
-            "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward", "rotary", "rms_norm", "rms_norm_backward")
+OP_NAMES = ("router_logits", "router_logits_backward", "route", "route_backward", "dispatch", "gather", "combine",
+            "combine_gate_grad", "grouped_mm", "grouped_mm_wgrad", "expert_ffn", "expert_ffn_backward", "rotary",
+            "rms_norm", "rms_norm_backward")
 
 
 # ---- public entry points -----------------------------------------------------------------
@@ -89,10 +90,39 @@ def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float = 1e-6,
     return _ops.rms_norm(x, delta, weight, eps, out_dtype)
 
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """Router logits ``x @ weight.T`` [..., E] in fp32 (fp64 for fp64 x), under autocast or not.
+
+    A bf16 x (what an MoE layer's experts read under autocast) is not widened on a GPU: the
+    fp32 weight goes in as three bf16 pieces that sum to it exactly, so every product is exact
+    in a bf16 GEMM's fp32 accumulators, on tensor cores (an fp32 GEMM runs on the far slower
+    FMA units). The logits then carry only the accumulators' rounding: a few units of fp32
+    rounding (5.5 at d = 1024 on an H200, where an fp32 GEMM makes 1.5 and a bf16 copy of the
+    weights hundreds). x's gradient comes back in x's dtype (one rounding of the fp32 sum),
+    the weight's in the weight's dtype. Either way the op keeps x itself for backward, not a
+    widened copy.
+    """
+    logits = _ops.router_logits(x.reshape(-1, x.shape[-1]), weight)
+    return logits.view(*x.shape[:-1], weight.shape[0])
+
+
 # ---- fake kernels (shapes and dtypes only) --------------------------------------------------
 
 def _accum(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fomoe::router_logits")
+def _router_logits_fake(x, weight):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
+                 lambda: "fomoe.router_logits: x must be [tokens, d] and weight [experts, d]")
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=_accum(x.dtype))
+
+
+@torch.library.register_fake("fomoe::router_logits_backward")
+def _router_logits_backward_fake(grad, x, weight, output_mask):
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            weight.new_empty(weight.shape if output_mask[1] else (0,)))
 
 
 @torch.library.register_fake("fomoe::route")

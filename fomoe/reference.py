@@ -17,6 +17,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T in the accumulation dtype (fp64 for fp64 x, else fp32)."""
+    acc = _acc(x.dtype)
+    return x.to(acc) @ weight.to(acc).T
+
+
+def router_logits_backward(grad: Tensor, x: Tensor, weight: Tensor, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """(grad @ weight in x's dtype, grad.T @ x in weight's), empty where output_mask is False."""
+    acc = _acc(x.dtype)
+    g = grad.to(acc)
+    grad_x = (g @ weight.to(acc)).to(x.dtype) if output_mask[0] else x.new_empty((0,))
+    grad_w = (g.T @ x.to(acc)).to(weight.dtype) if output_mask[1] else weight.new_empty((0,))
+    return grad_x, grad_w
+
+
 def route(logits: Tensor, top_k: int, score: str = "softmax", renormalize: bool = True) -> tuple[Tensor, Tensor]:
     """Score experts, pick the top-k by logit (ties: lower id), return (weights, int32 ids)."""
     if score not in ("softmax", "sigmoid"):
@@ -201,7 +216,7 @@ def moe_loop(x: Tensor, router_weight: Tensor, w13_full: Tensor, w2_full: Tensor
     acc = _acc(x.dtype)
     E = router_weight.shape[0]
     xs = x.reshape(-1, x.shape[-1]).to(acc)
-    logits = xs @ router_weight.to(acc).T
+    logits = router_logits(xs, router_weight)
     held = torch.ones(E, dtype=torch.bool, device=x.device) if resident is None else resident
     if policy == "reroute":
         logits = logits.masked_fill(~held, float("-inf"))

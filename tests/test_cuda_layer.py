@@ -6,6 +6,7 @@ import torch
 
 import fomoe
 from fomoe import reference as ref
+from routing_cases import check_router_logits_from_bf16
 
 pytestmark = [
     pytest.mark.cuda,
@@ -47,11 +48,31 @@ def test_layer_bf16_autocast_matches_fp32_reference(policy):
     assert err < 1e-2, err
 
 
-def test_compile_fullgraph_on_cuda_matches_eager():
+@pytest.mark.parametrize("T,d,E", [(4099, 1024, 64), (3, 72, 1), (0, 256, 16), (2048, 2048, 128)])
+def test_router_logits_from_bf16_on_tensor_cores_are_fp32_accurate(T, d, E):
+    check_router_logits_from_bf16(T, d, E, torch.Generator().manual_seed(T + d + E), device="cuda")
+
+
+def test_router_logits_opcheck_and_bad_input_on_cuda():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(5, 64, generator=gen).cuda().requires_grad_()
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(33, 64, generator=gen).to(dtype).cuda().requires_grad_()
+        torch.library.opcheck(torch.ops.fomoe.router_logits.default, (x, w))
+    with pytest.raises(RuntimeError, match="weight is on cpu"):
+        torch.ops.fomoe.router_logits(x, w.detach().cpu())
+    with pytest.raises(RuntimeError, match=r"grad must be \[tokens=33, experts=5\]"):
+        torch.ops.fomoe.router_logits_backward(torch.randn(33, 4, device="cuda"), x, w, [True, True])
+
+
+# A bf16 input is what fomoe.lm passes (its norm writes the copy the GEMMs read): the router
+# then runs on bf16 pieces of its weight (ops.router_logits).
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_compile_fullgraph_on_cuda_matches_eager(x_dtype):
     needs_all_cuda_kernels()
     torch.manual_seed(1)
     layer = make_layer()
-    x = torch.randn(2048, 256, device="cuda", requires_grad=True)
+    x = torch.randn(2048, 256, device="cuda").to(x_dtype).requires_grad_()
     compiled = torch.compile(layer, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_eager = layer(x)
@@ -63,12 +84,13 @@ def test_compile_fullgraph_on_cuda_matches_eager():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
 
 
-def test_training_step_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_training_step_replays_from_a_cuda_graph(x_dtype):
     needs_all_cuda_kernels()
     torch.manual_seed(2)
     layer = make_layer()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, capturable=True)
-    static_x = torch.randn(1024, 256, device="cuda")
+    static_x = torch.randn(1024, 256, device="cuda").to(x_dtype)
     static_target = torch.randn(1024, 256, device="cuda")
 
     def step():
@@ -99,7 +121,7 @@ def test_training_step_replays_from_a_cuda_graph():
         for n, t in s.items():
             if torch.is_tensor(t):
                 opt.state[k][n].copy_(t)
-    xs = [torch.randn(1024, 256, device="cuda") for _ in range(3)]
+    xs = [torch.randn(1024, 256, device="cuda").to(x_dtype) for _ in range(3)]
     losses_graph = []
     for x in xs:
         static_x.copy_(x)

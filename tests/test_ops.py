@@ -7,7 +7,7 @@ import torch
 
 import fomoe  # noqa: F401  (loads the op library)
 from fomoe import ops, reference as ref
-from routing_cases import random_ids, random_logits, random_resident, routing_problem
+from routing_cases import check_router_logits_from_bf16, random_ids, random_logits, random_resident, routing_problem
 
 ROUTE_CASES = [(T, E, k) for T in (0, 1, 7, 31, 128) for E in (1, 3, 8, 64) for k in (1, 2, 3, 8) if k <= E]
 
@@ -49,6 +49,28 @@ def test_route_gradients(T, E, k, score, renormalize, gen):
 
 DISPATCH_CASES = [(T, E, k, L) for T, E, k in [(0, 3, 2), (1, 1, 1), (2, 3, 3), (13, 8, 2), (97, 64, 8), (256, 16, 4)]
                   for L in sorted({0, 1, E // 2, E})]
+
+
+@pytest.mark.parametrize("T,d,E", [(0, 16, 4), (1, 8, 1), (257, 96, 16), (64, 200, 64)])
+def test_router_logits_from_bf16_are_fp32_accurate(T, d, E, gen):
+    check_router_logits_from_bf16(T, d, E, gen)
+
+
+def test_router_logits_other_dtypes_widen(gen):
+    w = torch.randn(8, 32, generator=gen)
+    for dtype, acc in ((torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
+        x = torch.randn(5, 32, generator=gen).to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast does not narrow the router
+            got = ops.router_logits(x, w)
+        assert got.dtype == acc
+        torch.testing.assert_close(got, ref.router_logits(x, w), rtol=0, atol=0)
+    # A bf16 weight (a model cast to bf16) takes the bf16-pieces path and gets a bf16 gradient.
+    x = torch.randn(5, 32, generator=gen).bfloat16()
+    wb = w.bfloat16().requires_grad_()
+    got = ops.router_logits(x, wb)
+    torch.testing.assert_close(got, ref.router_logits(x.double(), wb.double()).float(), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    assert wb.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("T,E,k,num_local", DISPATCH_CASES)
@@ -351,7 +373,12 @@ def _opcheck_samples(gen):
     w, ids = ops.route(logits, 2)
     h = torch.ops.fomoe.expert_ffn(p["x"], perm, offsets, inv, p["w13"], p["w2"], gate, True)[1]
     a = torch.randn(18, 6, generator=gen)
+    x16 = torch.randn(9, 6, generator=gen).bfloat16()
+    router_w = torch.randn(5, 6, generator=gen)
     return [
+        ("router_logits", (x16.clone().requires_grad_(True), router_w.clone().requires_grad_(True))),
+        ("router_logits", (torch.randn(9, 6, generator=gen, requires_grad=True), router_w.clone().requires_grad_(True))),
+        ("router_logits_backward", (torch.randn(9, 5, generator=gen), x16, router_w, [True, False])),
         ("route", (logits.clone().requires_grad_(True), 2, "softmax", True)),
         ("route", (logits, 3, "sigmoid", False)),
         ("route_backward", (torch.randn(9, 2, generator=gen), logits, w, ids, "softmax", True)),
@@ -387,13 +414,29 @@ def test_opcheck_covers_every_op(gen):
     assert {name for name, _ in _opcheck_samples(gen)} == set(ops.OP_NAMES)
 
 
-@pytest.mark.parametrize("index", range(19))
+@pytest.mark.parametrize("index", range(22))
 def test_opcheck(index, gen):
     name, args = _opcheck_samples(gen)[index]
     torch.library.opcheck(getattr(torch.ops.fomoe, name).default, args)
 
 
 # ---- bad input ----------------------------------------------------------------------------
+
+def test_router_logits_rejects_bad_input(gen):
+    x, w = torch.randn(4, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    cases = [
+        ((x[None], w), "x must be 2-D"),
+        ((x, w[:, :4]), r"weight must be \[experts > 0, d_model=8\]"),
+        ((x, w[:0]), r"weight must be \[experts > 0"),
+        ((x.long(), w), "x must be floating"),
+        ((x, w.int()), "weight must be floating"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fomoe.router_logits(*args)
+    with pytest.raises(RuntimeError, match=r"grad must be \[tokens=4, experts=3\]"):
+        torch.ops.fomoe.router_logits_backward(torch.randn(4, 2), x, w, [True, True])
+
 
 def test_route_rejects_bad_input(gen):
     logits = random_logits(4, 3, gen)
