@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, asdict
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -222,10 +221,9 @@ class MoE(nn.Module):
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"fomoe.MoE expects inputs [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
         xs = x.reshape(-1, cfg.d_model)
-        router_dtype = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # Router math stays fp32 under autocast (fp64 for fp64 inputs, for gradcheck).
-            logits = F.linear(xs.to(router_dtype), self.router.weight.to(router_dtype))
+        # fp32 logits under autocast too (fp64 for fp64 inputs, for gradcheck); a bf16 input
+        # (the copy the experts read) is not widened first: see ops.router_logits.
+        logits = ops.router_logits(xs, self.router.weight)
         raw_logits = logits
         if cfg.skip_policy == "reroute" and self.partial:
             logits = logits.masked_fill(~self.resident_mask, float("-inf"))

@@ -6,8 +6,9 @@ fused ``fomoe.ops.rotary``, then ``F.scaled_dot_product_attention``) -> residual
 Embeddings are tied with the output head. Each residual add runs fused with the RMSNorm after
 it (``fomoe.ops.add_rms_norm``): a block takes the stream and the previous sublayer's output not
 yet added, and returns the same pair. Under autocast the norm before attention and the final
-norm write the autocast dtype directly (the copies the GEMMs read); the norm before the MoE
-layer writes the stream's dtype, which the router reads.
+norm write the autocast dtype directly (the copies the GEMMs read), and so does the norm before
+the MoE layer: its router computes fp32 logits from that same bf16 copy at fp32 accuracy
+(``fomoe.ops.router_logits``).
 
 A worker builds the model with only the experts it holds (``resident_fn(layer) -> ids`` or a
 placement and rank). Initialisation is deterministic per parameter name and per global expert,
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layer import MoE, MoEConfig
-from .ops import add_rms_norm, rms_norm, rotary
+from .ops import add_rms_norm, rms_norm, rotary, router_logits
 
 
 @dataclass
@@ -162,11 +163,11 @@ class Block(nn.Module):
         """x: the residual stream; delta: the previous block's FFN output, not yet added (None
         before the first block). Returns the stream after attention and this block's FFN output."""
         x, h = residual_norm(self.attn_norm, x, delta, gemm_dtype(x))
-        x, h = residual_norm(self.ffn_norm, x, self.attn(h, cos, sin), None)
+        x, h = residual_norm(self.ffn_norm, x, self.attn(h, cos, sin), gemm_dtype(x))
         if self.count_top1 and self.training:
             with torch.no_grad():
                 # The layer's stats count all top-k picks; the top-1 choice needs the logits.
-                top1 = F.linear(h.detach().float(), self.moe.router.weight.detach().float()).argmax(-1)
+                top1 = router_logits(h, self.moe.router.weight).argmax(-1)
                 self.top1_counts.add_(torch.bincount(top1.reshape(-1), minlength=self.top1_counts.numel()))
         return x, self.moe(h)
 

@@ -463,9 +463,10 @@ def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = T
     else 4). Saved: each RMSNorm's fp32 input, the residual sum (``fomoe.ops.add_rms_norm``
     recomputes 1/rms in its backward, on both devices); the qkv projection's input and output
     (rotary embedding keeps views of it); rotated queries and keys; the attention output and
-    its log-sum-exp; the output projection's input; for MoE layers the router's fp32 input,
-    logits, probabilities and z-loss log-sum-exp, the routing tables, the expert op's bf16
-    input and its pre-SwiGLU rows (allocated for all top_k assignments: skip-token does not
+    its log-sum-exp; the output projection's input; for MoE layers the layer's input (one
+    tensor, read by the router and the expert op: the norm writes it in the GEMM dtype), the
+    router's logits, probabilities and z-loss log-sum-exp, the routing tables, the expert op's
+    pre-SwiGLU rows (allocated for all top_k assignments: skip-token does not
     shrink them); for dense FFNs and shared experts the SwiGLU input, gate|up output,
     activation and product.
     """
@@ -484,7 +485,7 @@ def layer_activation_bytes(shape: ModelShape, moe: bool, autocast_bf16: bool = T
     if not moe:
         return attn + norm + swiglu(shape.dense_d_ff)
     kk, E = shape.top_k, shape.num_experts
-    router = 4 * d + 8 * E + 4 + 16 * kk
+    router = 8 * E + 4 + 16 * kk
     experts = a * d + a * kk * 2 * shape.expert_d_ff
     shared = shape.shared_experts * swiglu(shape.shared_ff)
     return attn + norm + router + experts + shared
