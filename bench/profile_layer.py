@@ -113,32 +113,39 @@ def profile_step(config: dict, impl: str, fraction: float, batch: int, seq_len: 
     wall_ms = (time.perf_counter() - start) * 1e3 / reps
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         step()
         sync()
     events = prof.key_averages()
+    # Operators with their input shapes and the GPU time of the kernels they (and their children)
+    # launched: which call of which op a kernel's time belongs to.
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == torch.autograd.DeviceType.CPU and e.device_time_total > 0]
+    ops.sort(key=lambda e: e.device_time_total, reverse=True)
     # Kernels only: the optimizer's annotated region also appears on the GPU timeline.
     on_gpu = [e for e in events
               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     gpu_ms = sum(e.self_device_time_total for e in on_gpu) / 1e3
-    top = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)[:30]
+    ranked = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)
     del model, opt
     return {"impl": impl, "resident": fraction, "wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms,
             "kernels": sum(e.count for e in on_gpu),
-            "gpu_kernels": [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
+            "gpu_kernels": [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 3)) for e in ranked],
+            "ops": [(e.key, str(e.input_shapes)[:160], e.count, round(e.device_time_total / 1e3, 3))
+                    for e in ops[:150]]}
 
 
 def main_whole_step(args, config: dict, device: torch.device) -> int:
     batch, seq_len = (2, 64) if args.smoke else (16, 1024)
     rows = []
     print(f"{device}, {args.config if not args.smoke else 'smoke'}, {batch}x{seq_len} tokens; one training step")
-    for fraction in bt.FRACTIONS:
-        for impl in ("fomoe", "torch"):
+    for fraction in args.fractions:
+        for impl in args.impls:
             r = profile_step(config, impl, fraction, batch, seq_len, device, 2 if args.smoke else 5)
             rows.append(r)
             print(f"{impl:6s} resident {fraction:.2f}: wall {r['wall_ms']:.2f} ms, kernels {r['gpu_kernel_ms']:.2f} ms "
                   f"({r['kernels']} launches)", flush=True)
-            for name, count, ms in r["gpu_kernels"]:
+            for name, count, ms in r["gpu_kernels"][:30]:   # all of them in the JSON
                 print(f"    {ms:8.3f} ms x{count:<4d} {name}")
             gc.collect()
             if device.type == "cuda":
@@ -156,8 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU when there is no GPU)")
     ap.add_argument("--kernels", action="store_true", help="list every kernel with its GPU time")
     ap.add_argument("--whole-step", action="store_true", help="profile a whole LM training step instead")
+    ap.add_argument("--impls", default="fomoe,torch", help="comma-separated subset of fomoe,torch")
+    ap.add_argument("--fractions", default=",".join(map(str, bt.FRACTIONS)), help="resident shares to profile")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    args.impls = args.impls.split(",")
+    args.fractions = [float(f) for f in args.fractions.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = bt.CONFIGS["smoke" if args.smoke else args.config]
     if args.whole_step:
@@ -167,8 +178,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"{device}, {args.config if not args.smoke else 'smoke'}, {tokens} tokens; per forward + backward of one layer")
     print(f"{'impl':6s} {'resident':>8s} {'host ms':>8s} {'wall ms':>8s} {'kernel ms':>9s} {'kernels':>7s}  top host ops")
-    for fraction in bt.FRACTIONS:
-        for impl in ("fomoe", "torch"):
+    for fraction in args.fractions:
+        for impl in args.impls:
             torch.manual_seed(0)
             layer = layer_for(config, impl, fraction, device)
             x = torch.randn(tokens, config["d_model"], device=device, requires_grad=True)
