@@ -58,23 +58,25 @@ def inner_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def train_worker(ctx, placement, method: str, steps: int, sync_every: int, weighted: bool = False,
                  compression=None, seed: int = 0):
-    """Train ``steps`` inner steps; return (final state_dict, sync records, expected traffic per sync,
-    losses, (bytes sent, bytes received), state_dict after each sync)."""
+    """Train ``steps`` inner steps on the worker's device; return (final state_dict, sync records,
+    expected traffic per sync, losses, (bytes sent, bytes received), state_dict after each sync),
+    tensors on the CPU."""
     from fomoe.sync import SyncManager
-    model = make_model(placement, ctx.rank, seed)
+    model = make_model(placement, ctx.rank, seed).to(ctx.device)
     opt = inner_optimizer(model)
     mgr = SyncManager(model, opt, method=method, sync_every=sync_every, placement=placement, rank=ctx.rank,
-                      world_size=ctx.world_size, weighted=weighted, compression=compression)
+                      world_size=ctx.world_size, weighted=weighted, compression=compression,
+                      global_device=ctx.device)
     records, losses, snapshots = [], [], []
     for step in range(steps):
-        loss = model.loss(batch_for(ctx.rank, step, seed))
+        loss = model.loss(batch_for(ctx.rank, step, seed).to(ctx.device))
         loss.backward()
         losses.append(loss.item())
         rec = mgr.step()
         if rec is not None:
             records.append(rec)
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return state, records, mgr.expected_traffic, losses, (mgr.bytes_sent, mgr.bytes_recv), snapshots
 
 

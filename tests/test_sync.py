@@ -131,10 +131,10 @@ def test_layout_from_model_matches_analytic_sizes():
 
 # ---- the algorithm, simulated in one process ----------------------------------------------------
 
-def simulate(placement: Placement, steps: int, H: int, weighted: bool = False) -> list[dict]:
-    """Every worker's final state under FoMoE, written from the algorithm's definition."""
+def simulate(placement: Placement, steps: int, H: int, weighted: bool = False, device="cpu") -> list[dict]:
+    """Every worker's final state under FoMoE, written from the algorithm's definition (on the CPU)."""
     W = placement.num_workers
-    models = [fw.make_model(placement, r) for r in range(W)]
+    models = [fw.make_model(placement, r).to(device) for r in range(W)]
     opts = [fw.inner_optimizer(m) for m in models]
     theta = {}
     for m in models:
@@ -143,7 +143,7 @@ def simulate(placement: Placement, steps: int, H: int, weighted: bool = False) -
     momentum = {}
     for step in range(steps):
         for r, m in enumerate(models):
-            m.loss(fw.batch_for(r, step)).backward()
+            m.loss(fw.batch_for(r, step).to(device)).backward()
             opts[r].step()
             opts[r].zero_grad()
         if (step + 1) % H:
@@ -166,7 +166,7 @@ def simulate(placement: Placement, steps: int, H: int, weighted: bool = False) -
             m.load_state_dict(theta)
             for moe in m.blocks:
                 moe.reset_routing_counts()
-    return [m.state_dict() for m in models]
+    return [{k: v.cpu() for k, v in m.state_dict().items()} for m in models]
 
 
 def _scenarios_w4(ctx):
@@ -356,6 +356,37 @@ def _fails_in_worker(ctx):
     from fomoe.sync import SyncManager
     m = fw.make_model(None, ctx.rank)
     SyncManager(m, fw.inner_optimizer(m), method="fomoe", placement=None, rank=ctx.rank, world_size=2)
+
+
+# Two workers on two GPUs over NCCL (the extension's ring over one communicator, the CUDA
+# pack/unpack kernels): holder groups of one and of two workers in both layers.
+TWO_GPU_HOLDERS = [[[0, 1], [0], [1], [0, 1]], [[0], [0, 1], [1], [1]]]
+
+
+def _scenarios_nccl_w2(ctx):
+    from fomoe.sync import SyncManager
+    p = Placement.explicit(TWO_GPU_HOLDERS, 2)
+    out = {"sparse": fw.train_worker(ctx, p, "fomoe", 4, 2),
+           "weighted": fw.train_worker(ctx, p, "fomoe", 3, 3, weighted=True)}
+    model = fw.make_model(p, ctx.rank).to(ctx.device)
+    out["segment_kernels"] = SyncManager(model, fw.inner_optimizer(model), method="fomoe", sync_every=1, placement=p,
+                                         rank=ctx.rank, world_size=2, global_device=ctx.device)._use_segment_kernels()
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_over_nccl_equal_the_simulation():
+    res = launch.spawn(_scenarios_nccl_w2, 2, backend="nccl", timeout_s=300)
+    p = Placement.explicit(TWO_GPU_HOLDERS, 2)
+    assert all(w["segment_kernels"] for w in res)
+    for name, steps, H, weighted in (("sparse", 4, 2, False), ("weighted", 3, 3, True)):
+        results = [w[name] for w in res]
+        _check_holders_identical(results, p)
+        # The same kernels on the same kind of GPU: the single-process run of the algorithm
+        # differs from the workers only by the order of fp32 additions in the outer step.
+        _check_matches(results, simulate(p, steps, H, weighted=weighted, device="cuda"))
+        _check_bytes(results, steps // H)
 
 
 def test_bad_configs_fail_on_every_worker_with_a_clear_message():
