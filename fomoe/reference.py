@@ -57,11 +57,13 @@ def route_backward(grad_weights: Tensor, logits: Tensor, weights: Tensor, ids: T
     """Gradient of ``route``'s weights with respect to the logits (ids held fixed)."""
     z = logits.detach().to(_acc(logits.dtype)).requires_grad_(True)
     idx = ids.long()
-    probs = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
-    w = probs.gather(-1, idx)
-    if renormalize:
-        w = torch.softmax(z.gather(-1, idx), -1) if score == "softmax" else w / w.sum(-1, keepdim=True)
-    (grad,) = torch.autograd.grad(w, z, grad_weights.to(w.dtype))
+    # Grad mode on: as a fallback kernel this runs inside the autograd engine's backward.
+    with torch.enable_grad():
+        probs = torch.softmax(z, -1) if score == "softmax" else torch.sigmoid(z)
+        w = probs.gather(-1, idx)
+        if renormalize:
+            w = torch.softmax(z.gather(-1, idx), -1) if score == "softmax" else w / w.sum(-1, keepdim=True)
+        (grad,) = torch.autograd.grad(w, z, grad_weights.to(w.dtype))
     return grad.to(logits.dtype)
 
 

@@ -1,5 +1,9 @@
 """The built extension: build facts, and the refusal of a build made for another torch."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +41,38 @@ def test_supported_torch_range(version, ok):
     else:
         with pytest.raises(ImportError, match="fomoe supports torch >=2.11,<2.15"):
             _extension.check_supported(version)
+
+
+# Runs in its own process: it replaces the CPU kernels of every op for the rest of that process.
+_FALLBACK_TRAINING = """
+import sys, warnings, torch
+sys.path.insert(0, sys.argv[1])
+import federation_workers as fw
+from fomoe import ops
+
+def gradients():
+    model = fw.make_model(None, 0)
+    model.loss(fw.batch_for(0, 0)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+kernels = gradients()
+lib = torch.library.Library("fomoe", "IMPL")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for name in ops.OP_NAMES:
+        lib.impl(name, ops._fallback(name, "cpu"), "CPU")
+    fallback = gradients()
+for n, g in kernels.items():
+    torch.testing.assert_close(fallback[n], g, rtol=1e-4, atol=1e-6, msg=n)
+print("same gradients")
+"""
+
+
+def test_reference_fallbacks_train_like_the_kernels():
+    """What a build without a device's kernels runs (every op's reference registered as its
+    kernel, here on the CPU) trains: a forward + backward of a small MoE model gives the kernels'
+    gradients. The backward kernels run inside the autograd engine, where grad mode is off."""
+    tests = Path(__file__).parent
+    out = subprocess.run([sys.executable, "-c", _FALLBACK_TRAINING, str(tests)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "same gradients" in out.stdout, out.stderr[-2000:]
