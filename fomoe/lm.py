@@ -7,8 +7,8 @@ Embeddings are tied with the output head. Each residual add runs fused with the 
 it (``fomoe.ops.add_rms_norm``): a block takes the stream and the previous sublayer's output not
 yet added, and returns the same pair. Under autocast the norm before attention and the final
 norm write the autocast dtype directly (the copies the GEMMs read), and so does the norm before
-the MoE layer: its router computes fp32 logits from that same bf16 copy at fp32 accuracy
-(``fomoe.ops.router_logits``).
+the MoE layer: its router computes fp32 logits from that same bf16 copy
+(``fomoe.ops.router_logits``: tensor cores, exact bf16 pieces of the fp32 router weight).
 
 A worker builds the model with only the experts it holds (``resident_fn(layer) -> ids`` or a
 placement and rank). Initialisation is deterministic per parameter name and per global expert,
