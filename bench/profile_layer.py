@@ -9,7 +9,9 @@ a step of that layer is bound by the host, and faster kernels do not show in tok
 ``--whole-step`` profiles instead a whole training step of bench_training's LM (forward,
 backward, AdamW) per implementation and residency: its wall time, the summed kernel time (the
 difference is GPU idle time), and the kernels with the most GPU time, so the part of the step
-outside the MoE layers can be read kernel by kernel.
+outside the MoE layers can be read kernel by kernel; with both the all- and half-resident
+steps (``--fractions 1,0.5``), each kernel's fixed share (2 x half - all: the time skipping
+experts cannot remove).
 
     python bench/profile_layer.py [--config 16e-top2] [--json PATH] [--smoke] [--whole-step]
 """
@@ -130,7 +132,7 @@ def profile_step(config: dict, impl: str, fraction: float, batch: int, seq_len: 
     del model, opt
     return {"impl": impl, "resident": fraction, "wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms,
             "kernels": sum(e.count for e in on_gpu),
-            "gpu_kernels": [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 3)) for e in ranked],
+            "gpu_kernels": [(e.key, e.count, round(e.self_device_time_total / 1e3, 3)) for e in ranked],
             "ops": [(e.key, str(e.input_shapes)[:160], e.count, round(e.device_time_total / 1e3, 3))
                     for e in ops[:150]]}
 
@@ -146,13 +148,41 @@ def main_whole_step(args, config: dict, device: torch.device) -> int:
             print(f"{impl:6s} resident {fraction:.2f}: wall {r['wall_ms']:.2f} ms, kernels {r['gpu_kernel_ms']:.2f} ms "
                   f"({r['kernels']} launches)", flush=True)
             for name, count, ms in r["gpu_kernels"][:30]:   # all of them in the JSON
-                print(f"    {ms:8.3f} ms x{count:<4d} {name}")
+                print(f"    {ms:8.3f} ms x{count:<4d} {name[:100]}")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    fixed = {impl: fixed_share(rows, impl) for impl in args.impls}
+    for impl, table in fixed.items():
+        if table:
+            total = sum(ms for _, ms, _, _ in table)
+            print(f"{impl}: fixed kernel time (2 x half-resident - all-resident, per kernel) {total:.2f} ms; largest:")
+            for name, ms, full, half in table[:25]:
+                print(f"    {ms:8.3f} ms  (all {full:.3f}, half {half:.3f})  {name[:100]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "config": args.config, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": str(device), "config": args.config, "rows": rows,
+                                               "fixed_share": fixed}, indent=1))
     return 0
+
+
+def fixed_share(rows: list[dict], impl: str) -> list[tuple[str, float, float, float]]:
+    """Per kernel, the part of its time that does not shrink with the experts held: fitting
+    time = fixed + kept share x proportional to the all- and half-resident steps gives
+    fixed = 2 x half - all. [(kernel, fixed ms, all ms, half ms)], largest first; empty unless
+    both residencies were profiled."""
+    by = {r["resident"]: r for r in rows if r["impl"] == impl}
+    if 1.0 not in by or 0.5 not in by:
+        return []
+    times = []
+    for r in (by[1.0], by[0.5]):
+        t: dict[str, float] = {}
+        for name, _count, ms in r["gpu_kernels"]:
+            t[name] = t.get(name, 0.0) + ms
+        times.append(t)
+    full, half = times
+    table = [(name, 2 * half.get(name, 0.0) - full.get(name, 0.0), full.get(name, 0.0), half.get(name, 0.0))
+             for name in set(full) | set(half)]
+    return sorted(table, key=lambda row: row[1], reverse=True)
 
 
 def main(argv=None) -> int:
