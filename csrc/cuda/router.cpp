@@ -34,15 +34,11 @@ at::Tensor sum_of_pieces(const at::Tensor& parts, int64_t rows, int64_t cols, in
                          int64_t piece_stride, at::ScalarType out_dtype, const char* op) {
   const auto written = out_dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   auto out = at::empty({rows, cols}, parts.options().dtype(written));
-  if (written == at::kBFloat16) {
-    check_launch(router::sum_pieces(ptr<float>(parts), rows, cols, row_stride, piece_stride,
-                                    mutable_ptr<__nv_bfloat16>(out), current_stream()),
+  const auto sum_into = [&](auto* dst) {  // the two instantiations router.cu provides
+    check_launch(router::sum_pieces(ptr<float>(parts), rows, cols, row_stride, piece_stride, dst, current_stream()),
                  op);
-  } else {
-    check_launch(router::sum_pieces(ptr<float>(parts), rows, cols, row_stride, piece_stride, mutable_ptr<float>(out),
-                                    current_stream()),
-                 op);
-  }
+  };
+  if (written == at::kBFloat16) sum_into(mutable_ptr<__nv_bfloat16>(out)); else sum_into(mutable_ptr<float>(out));
   return written == out_dtype ? out : out.to(out_dtype);
 }
 

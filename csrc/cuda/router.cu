@@ -2,6 +2,7 @@
 // MB (the router weight, the logits' gradient), so one element per thread.
 #include <algorithm>
 
+#include "cuda/common.cuh"
 #include "cuda/router.h"
 
 namespace fomoe::cuda::router {
@@ -9,7 +10,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)); }
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads), 8192)); }
 
 __global__ void bf16_pieces_kernel(const float* __restrict__ src, int64_t rows, int64_t cols,
                                    __nv_bfloat16* __restrict__ dst, int64_t dst_row_stride, int64_t dst_slot_stride,
@@ -50,7 +51,7 @@ cudaError_t bf16_pieces(const float* src, int64_t rows, int64_t cols, __nv_bfloa
   if (rows * cols == 0) return cudaSuccess;
   bf16_pieces_kernel<<<blocks_for(rows * cols), kThreads, 0, stream>>>(src, rows, cols, dst, dst_row_stride,
                                                                        dst_slot_stride, pattern);
-  return cudaGetLastError();
+  return last_launch_error();
 }
 
 template <typename O>
@@ -59,7 +60,7 @@ cudaError_t sum_pieces(const float* src, int64_t rows, int64_t cols, int64_t src
   if (rows * cols == 0) return cudaSuccess;
   sum_pieces_kernel<O><<<blocks_for(rows * cols), kThreads, 0, stream>>>(src, rows, cols, src_row_stride,
                                                                          src_piece_stride, dst);
-  return cudaGetLastError();
+  return last_launch_error();
 }
 
 template cudaError_t sum_pieces<float>(const float*, int64_t, int64_t, int64_t, int64_t, float*, cudaStream_t);
