@@ -6,7 +6,7 @@ For each kernel and shape it times fomoe's op and the plain-PyTorch equivalent:
 
   router    router logits forward + backward on a bf16 input (the copy the experts read):
             fomoe.ops.router_logits (bf16 pieces of the fp32 operands on tensor cores) vs
-            F.linear(x.float(), w) (fp32 GEMMs), both fp32-accurate (error vs fp64 reported)
+            F.linear(x.float(), w) (fp32 GEMMs); both logits' error vs fp64 reported
   route     torch.softmax(fp32) + torch.topk + renormalise (the usual Mixtral-style router)
   dispatch  resident-map mask + stable argsort + bincount + cumsum + inverse scatter
   gather    index_select of token rows into expert order (scaled: times a per-row weight, fp32

@@ -49,7 +49,7 @@ def test_layer_bf16_autocast_matches_fp32_reference(policy):
 
 
 @pytest.mark.parametrize("T,d,E", [(4099, 1024, 64), (3, 72, 1), (0, 256, 16), (2048, 2048, 128)])
-def test_router_logits_from_bf16_on_tensor_cores_are_fp32_accurate(T, d, E):
+def test_router_logits_from_bf16_on_tensor_cores_are_within_fp32_class_error(T, d, E):
     check_router_logits_from_bf16(T, d, E, torch.Generator().manual_seed(T + d + E), device="cuda")
 
 
