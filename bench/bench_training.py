@@ -11,13 +11,19 @@ step. Each configuration is measured with all, 1/2 and 1/4 of the experts reside
   cast to bf16, since ``_grouped_mm`` ignores autocast), ``index_add_`` back to tokens.
 
 The steps run with AdamW's learning rate at 0: the optimizer does exactly the arithmetic of a
-real step, but the weights stay at their initialisation, where the router spreads the tokens
-evenly. So the share of assignments skip-token drops is the residency being measured (1/2
-resident: about 0.5 skipped); with a real learning rate the routing drifts on random tokens
-within the warm-up (the residual stream feeding the router changes even with the router frozen)
-and the configuration measured is no longer the one named. Within a residency both
-implementations get the same router and expert weights (and the same tokens), so they route
-alike and skip the same share; each row reports that share next to the expected one.
+real step, but the weights stay at their initialisation (with a real learning rate the routing
+drifts on random tokens within the warm-up, even with the router frozen, and the configuration
+measured is no longer the one named). At initialisation the router spreads tokens unevenly
+enough that one set of resident experts can keep a few points more or less than its share
+(experts 0-15 of 64 kept 28% of the assignments in one run). So a residency of 1/W is measured
+on every worker of a partition (worker w holds experts [w*n, (w+1)*n), all with the same router
+weights) and reported as the mean step: its skipped share is the residency's, as in a
+federation, where every assignment is kept by exactly one worker (here exactly in the first
+MoE layer: deeper ones see each worker's own residual stream, and the mean lands within a
+fraction of a point). ``--workers first`` measures
+worker 0 alone (quicker). Within a worker both implementations get the same router and expert
+weights (and the same tokens), so they route alike and skip the same share; each row reports
+that share next to the expected one.
 
 Reported: tokens/s, speedup from skipping (vs all resident, same implementation), fomoe's
 tokens/s over the torch-ops model, and where a step's time goes: the MoE layers' forward +
@@ -114,10 +120,22 @@ def fomoe_factory(cfg: MoEConfig) -> nn.Module:
 FACTORIES = {"fomoe": fomoe_factory, "torch": TorchOpsMoE}
 
 
-def build(config: dict, impl: str, fraction: float, seq_len: int, device: torch.device) -> MoELM:
+def partition_workers(fraction: float) -> int:
+    """Workers of a partition in which each holds ``fraction`` of the experts."""
+    workers = round(1 / fraction)
+    if not math.isclose(workers * fraction, 1.0):
+        raise ValueError(f"resident fraction {fraction} is not 1/W")
+    return workers
+
+
+def build(config: dict, impl: str, fraction: float, seq_len: int, device: torch.device, worker: int = 0) -> MoELM:
+    """The model of worker ``worker`` of a partition where each holds ``fraction`` of the experts:
+    experts [worker * n, (worker + 1) * n) resident."""
     cfg = LMConfig(**config, max_seq_len=seq_len, aux_loss_coef=0.0, z_loss_coef=0.0)
     n_resident = max(cfg.top_k if fraction < 1 else cfg.num_experts, round(cfg.num_experts * fraction))
-    resident = list(range(n_resident))
+    if (worker + 1) * n_resident > cfg.num_experts:
+        raise ValueError(f"worker {worker} of a {fraction} partition exceeds {cfg.num_experts} experts")
+    resident = list(range(worker * n_resident, (worker + 1) * n_resident))
     with torch.device(device):
         return MoELM(cfg, resident_fn=lambda layer: resident, seed=0, moe_factory=FACTORIES[impl])
 
@@ -272,6 +290,19 @@ def check_same_function(config: dict, device: torch.device) -> float:
     return gap
 
 
+def over_workers(results: list[dict], tokens_per_step: int) -> dict:
+    """One row from the workers of a partition: the mean step (its time split alike) and the mean
+    skipped share, which is the residency's exactly (every assignment is kept by one worker);
+    tokens/s is a step of that mean time's, and the slowest worker's comes alongside."""
+    mean = {key: sum(r[key] for r in results) / len(results)
+            for key in ("step_ms", "moe_ms", "optimizer_ms", "rest_ms", "skipped_fraction", "loss")}
+    peak = [r["peak_mem_gib"] for r in results if r["peak_mem_gib"] is not None]
+    return {**mean, "tokens_per_s": 1e3 * tokens_per_step / mean["step_ms"],
+            "expected_skipped": results[0]["expected_skipped"], "peak_mem_gib": max(peak) if peak else None,
+            "slowest_tokens_per_s": min(r["tokens_per_s"] for r in results),
+            "workers": [{key: r[key] for key in ("tokens_per_s", "step_ms", "skipped_fraction")} for r in results]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CPU when no GPU)")
@@ -281,6 +312,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     ap.add_argument("--impls", default="fomoe,torch", help="comma-separated subset of fomoe,torch")
+    ap.add_argument("--workers", choices=("all", "first"), default="all",
+                    help="with part of the experts resident, measure every worker of the partition (default) "
+                         "or only the first (experts 0..n-1: quicker, but its share of the routing is the "
+                         "router's, not the residency's)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -313,29 +348,48 @@ def main(argv=None) -> int:
         gap = check_same_function(CONFIGS[name], device)
         print(f"## {name}: {CONFIGS[name]} (implementations agree: loss gap {gap:.2e})")
         for fraction in FRACTIONS:
-            first = None
-            for impl in impls:
-                model = build(CONFIGS[name], impl, fraction, seq_len, device)
-                if first is not None:  # the same weights, so the same routing and skipped share
-                    copy_moe_weights(first, model)
-                    first = None
+            workers = partition_workers(fraction) if args.workers == "all" else 1
+            per_worker: dict[str, list[dict]] = {impl: [] for impl in impls}
+            routers = None  # the first worker's: every worker routes alike, each keeps its share
+            for worker in range(workers):
+                first = None
+                for impl in impls:
+                    model = build(CONFIGS[name], impl, fraction, seq_len, device, worker)
+                    if routers is None:
+                        routers = [moe.router.weight.detach().clone() for moe in model.moe_layers()]
+                    else:
+                        with torch.no_grad():
+                            for moe, weight in zip(model.moe_layers(), routers):
+                                moe.router.weight.copy_(weight)
+                    if first is not None:  # the same weights, so the same routing and skipped share
+                        copy_moe_weights(first, model)
+                        first = None
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    result = measure(model, batch, seq_len, steps, warmup, device)
+                    per_worker[impl].append(result)
+                    label = f"resident {fraction:<4}" + (f" worker {worker}" if workers > 1 else "")
+                    print(f"  {impl:5s} {label:20s} {result['tokens_per_s']:>12,.0f} tok/s "
+                          f"{result['step_ms']:9.1f} ms/step (MoE layers {result['moe_ms']:.1f}, optimizer "
+                          f"{result['optimizer_ms']:.1f}, rest {result['rest_ms']:.1f})  skipped "
+                          f"{result['skipped_fraction']:.3f} (expected {result['expected_skipped']:.3f})", flush=True)
+                    if impl == impls[0] and len(impls) > 1:
+                        first = model
+                    del model
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                result = measure(model, batch, seq_len, steps, warmup, device)
+            for impl in impls:
+                result = over_workers(per_worker[impl], batch * seq_len)
                 rows.append({"config": name, "impl": impl, "resident_fraction": fraction, **result})
                 off = abs(result["skipped_fraction"] - result["expected_skipped"]) > SKIP_TOLERANCE
-                print(f"  {impl:5s} resident {fraction:<4} {result['tokens_per_s']:>12,.0f} tok/s "
-                      f"{result['step_ms']:9.1f} ms/step (MoE layers {result['moe_ms']:.1f}, optimizer "
-                      f"{result['optimizer_ms']:.1f}, rest {result['rest_ms']:.1f})  skipped "
-                      f"{result['skipped_fraction']:.3f} (expected {result['expected_skipped']:.3f})"
-                      + ("  WARNING: the skipped share is not the residency's" if off else ""), flush=True)
-                if impl == impls[0] and len(impls) > 1:
-                    first = model
-                del model
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if workers > 1 or off:
+                    print(f"  {impl:5s} resident {fraction:<4} mean of {workers} workers: "
+                          f"{result['tokens_per_s']:>10,.0f} tok/s {result['step_ms']:9.1f} ms/step (slowest worker "
+                          f"{result['slowest_tokens_per_s']:,.0f} tok/s)  skipped {result['skipped_fraction']:.3f} "
+                          f"(expected {result['expected_skipped']:.3f})"
+                          + ("  WARNING: the skipped share is not the residency's" if off else ""), flush=True)
 
     def find(config, impl, fraction):
         return next((r for r in rows if (r["config"], r["impl"], r["resident_fraction"]) == (config, impl, fraction)),
