@@ -241,21 +241,28 @@ def measure(model: MoELM, batch: int, seq_len: int, steps: int, warmup: int, dev
     return result
 
 
+def layer_input_dtype(device: torch.device) -> torch.dtype:
+    """What an MoE layer of the LM reads: the norm before it writes the GEMM dtype (bf16 under
+    the GPU's autocast), fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def moe_layers_ms(model: MoELM, batch: int, seq_len: int, device: torch.device, reps: int = 3) -> float:
     """Milliseconds of forward + backward through every MoE layer of the model, one after another,
-    alone: random inputs shaped like the normed residual stream the blocks feed them (at the
-    initialisation the routing is as balanced on these as on the model's own), bf16 autocast."""
+    alone: random inputs shaped and typed like the normed residual stream the blocks feed them,
+    bf16 autocast."""
     layers = model.moe_layers()
     d = model.config.d_model
     gen = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(batch, seq_len, d, device=device, generator=gen).requires_grad_(True)
-    grad = torch.randn(batch, seq_len, d, device=device, generator=gen)
+    dtype = layer_input_dtype(device)
+    x = torch.randn(batch, seq_len, d, device=device, generator=gen, dtype=dtype).requires_grad_(True)
+    grad = torch.randn(batch, seq_len, d, device=device, generator=gen, dtype=dtype)
 
     def run() -> None:
         for layer in layers:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 y = layer(x)
-            y.backward(grad.to(y.dtype))
+            y.backward(grad)
         x.grad = None
         model.zero_grad(set_to_none=True)
 

@@ -45,13 +45,14 @@ def profile(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, reps:
     """``syncs``: the layer waits for the GPU itself (torch-ops: the kept count), so its host
     time cannot be separated and equals the wall time."""
     cuda = device.type == "cuda"
+    grad = torch.randn(x.shape, dtype=x.dtype, device=device)   # the output's gradient: no loss kernels
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)   # as a training loop does: fresh gradients, no accumulation
         x.grad = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             y = layer(x)
-        y.float().square().mean().backward()
+        y.backward(grad)
 
     for _ in range(3):
         step()
@@ -212,7 +213,8 @@ def main(argv=None) -> int:
         for impl in args.impls:
             torch.manual_seed(0)
             layer = layer_for(config, impl, fraction, device)
-            x = torch.randn(tokens, config["d_model"], device=device, requires_grad=True)
+            x = torch.randn(tokens, config["d_model"], device=device, dtype=bt.layer_input_dtype(device),
+                            requires_grad=True)
             r = profile(layer, x, device, reps, syncs=impl == "torch")
             r.update(impl=impl, resident=fraction)
             rows.append(r)
