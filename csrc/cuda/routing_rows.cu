@@ -337,10 +337,12 @@ __global__ void __launch_bounds__(kThreads, kGateGradBlocksPerSM)
   if (bad && lane == 0) raise_error(flags, kTableEntryOutOfRange);
 }
 
-// One warp per output row: the rows gather_by_token_kernel does not write. A row whose entry p
-// is valid but not named back by inverse[p] is copied here; p == -1 gives zeros (when asked
-// for); entries outside [-1, assignments) raise the flag and count as -1. For tables from
-// dispatch only the skipped rows get here: the rest of the warps read two words and leave.
+// The rows gather_by_token_kernel does not write: one thread checks each output row, then its
+// warp copies, one after another, the rows its lanes found (all lanes share each copy). A row
+// whose entry p is valid but not named back by inverse[p] is copied; p == -1 gives zeros (when
+// asked for); entries outside [-1, assignments) raise the flag and count as -1. For tables from
+// dispatch no row needs a copy: a thread reads a word or two per row, so this pass costs a
+// small grid (a warp per row cost 8x the token pass's blocks and ~15 us per gather at 2^17 rows).
 template <typename T, int VEC, bool kScale>
 __device__ __forceinline__ void unmapped_rows(int64_t block, const T* __restrict__ x, int64_t x_stride,
                                               int64_t assignments, int k, const int32_t* __restrict__ permutation,
@@ -349,20 +351,32 @@ __device__ __forceinline__ void unmapped_rows(int64_t block, const T* __restrict
                                               int64_t out_stride, uint32_t vpr, bool zero_skipped, uint32_t* flags) {
   using V = Vec<T, VEC>;
   using A = acc_t<T>;
-  const int64_t j = (block * kThreads + threadIdx.x) / 32;
+  const int64_t j = block * kThreads + threadIdx.x;
   const uint32_t lane = threadIdx.x % 32;
-  if (j >= rows) return;  // whole warps leave together
-  const int p = __ldg(permutation + j);
-  const bool valid = p >= 0 && p < assignments;
-  if (valid && __ldg(inverse + p) == j) return;  // written by the token-major kernel
-  if (!valid && p != -1 && lane == 0) raise_error(flags, kTableEntryOutOfRange);
-  if (!valid && !zero_skipped) return;
-  const V* src = reinterpret_cast<const V*>(x + int64_t(valid ? p / k : 0) * x_stride);
-  [[maybe_unused]] const A g = kScale && valid ? __ldg(scale + p) : A(1);
-  V* dst = reinterpret_cast<V*>(out + j * out_stride);
-  for (uint32_t c = lane; c < vpr; c += 32) {
-    const V w = load_if(src + c, valid);
-    store_streaming(dst + c, kScale ? scaled(w, g) : w);
+  if (j - lane >= rows) return;  // whole warps leave together
+  int p = -1;
+  bool needs_copy = false;
+  if (j < rows) {
+    p = __ldg(permutation + j);
+    const bool valid = p >= 0 && p < assignments;
+    if (!valid && p != -1) {
+      raise_error(flags, kTableEntryOutOfRange);
+      p = -1;
+    }
+    needs_copy = valid ? __ldg(inverse + p) != j : zero_skipped;
+  }
+  for (uint32_t todo = __ballot_sync(0xffffffffu, needs_copy); todo != 0; todo &= todo - 1) {
+    const int from = __ffs(todo) - 1;
+    const int64_t row = __shfl_sync(0xffffffffu, j, from);
+    const int src_p = __shfl_sync(0xffffffffu, p, from);
+    const bool valid = src_p >= 0;
+    const V* src = reinterpret_cast<const V*>(x + int64_t(valid ? src_p / k : 0) * x_stride);
+    [[maybe_unused]] const A g = kScale && valid ? __ldg(scale + src_p) : A(1);
+    V* dst = reinterpret_cast<V*>(out + row * out_stride);
+    for (uint32_t c = lane; c < vpr; c += 32) {
+      const V w = load_if(src + c, valid);
+      store_streaming(dst + c, kScale ? scaled(w, g) : w);
+    }
   }
 }
 
@@ -445,7 +459,7 @@ cudaError_t launch_gather_by_token(const GatherRows& p, uint32_t vpr, cudaStream
   const uint32_t segment_vectors = 32 * C;   // one warp-wide step per segment: many small work items
   const uint32_t segments = static_cast<uint32_t>(ceil_div(vpr, segment_vectors));
   const int64_t token_blocks = ceil_div(p.tokens * segments, kThreads / 32);
-  const int64_t row_blocks = ceil_div(p.rows, kThreads / 32);
+  const int64_t row_blocks = ceil_div(p.rows, kThreads);  // a thread per row
   if (!grid_ok(token_blocks + row_blocks)) return cudaErrorInvalidValue;
   const auto* x = static_cast<const T*>(p.x);
   const auto* scale = static_cast<const acc_t<T>*>(p.scale);
