@@ -20,10 +20,9 @@ on every worker of a partition (worker w holds experts [w*n, (w+1)*n), all with 
 weights) and reported as the mean step: its skipped share is the residency's, as in a
 federation, where every assignment is kept by exactly one worker (here exactly in the first
 MoE layer: deeper ones see each worker's own residual stream, and the mean lands within a
-fraction of a point). ``--workers first`` measures
-worker 0 alone (quicker). Within a worker both implementations get the same router and expert
-weights (and the same tokens), so they route alike and skip the same share; each row reports
-that share next to the expected one.
+fraction of a point). ``--workers first`` measures worker 0 alone (quicker). Within a worker
+both implementations get the same router and expert weights (and the same tokens), so they
+route alike and skip the same share; each row reports that share next to the expected one.
 
 Reported: tokens/s, speedup from skipping (vs all resident, same implementation), fomoe's
 tokens/s over the torch-ops model, and where a step's time goes: the MoE layers' forward +
