@@ -1,13 +1,16 @@
-"""Sparse expert all-reduce over NCCL: fomoe's ring (ncclSend/ncclRecv over one communicator)
-vs ``torch.distributed.all_reduce`` (NCCL) moving the same bytes, in the same run.
+"""Sparse expert all-reduce over NCCL: fomoe's transport vs ``torch.distributed.all_reduce``
+(NCCL) moving the same bytes, in the same run.
 
-Every worker holds one GPU. For each bucket size (64 MiB .. 1 GiB of fp32) both collectives
-sum a fresh random buffer over all workers, alternating iteration by iteration; each is timed
-with CUDA events on the caller's stream, median over the iterations. Bus bandwidth is the
-nccl-tests convention, 2(n-1)/n * bytes / time, so the two compare directly; the issue's
-target is fomoe >= 0.9x torch. Before timing, both must return the exact same sum for dyadic
-inputs (every fp32 sum exact). ``--slice-mb`` sweeps fomoe's pipelining slice on the largest
-bucket; ``--bf16`` adds fomoe's bf16 wire (half the bytes; busbw counts fp32 bytes moved).
+Every worker holds one GPU. The transport's holder group (all workers) is prepared as a sync
+prepares its schedule's groups, so an fp32 bucket is one ncclAllReduce on the group's own
+communicator; the send/recv ring (the bf16 wire's path, and any unprepared group) is timed
+too. For each bucket size (64 MiB .. 1 GiB of fp32) the collectives sum a fresh random buffer
+over all workers, alternating iteration by iteration; each is timed with CUDA events on the
+caller's stream, median over the iterations. Bus bandwidth is the nccl-tests convention,
+2(n-1)/n * bytes / time, so they compare directly; the issue's target is fomoe >= 0.9x torch.
+Before timing, both fomoe paths must return torch's exact sum for dyadic inputs (every fp32
+sum exact). ``--slice-mb`` sweeps the ring's pipelining slice on the largest bucket;
+``--bf16`` adds the bf16 wire (half the bytes; busbw counts fp32 bytes moved).
 
 Needs at least two GPUs; with fewer it says so and exits cleanly (writing a JSON that says
 skipped). Run through bench/device_run.sh or directly:
@@ -51,17 +54,22 @@ def _worker(ctx, sizes_mb, iters, warmup, slice_mbs, bf16):
     torch.manual_seed(1234 + ctx.rank)
     n, ranks = ctx.world_size, tuple(range(ctx.world_size))
     transport = comm.NcclTransport(ctx.device)
+    transport.prepare_groups([ranks])
     rows = []
 
-    # Exactness first: dyadic inputs make every fp32 sum exact, so both must agree bitwise.
+    # Exactness first: dyadic inputs make every fp32 sum exact, so all must agree bitwise.
     x = (torch.randint(-1 << 10, 1 << 10, (3 * (1 << 20) + 7,), device=ctx.device).float() / 64)
-    a, b = x.clone(), x.clone()
+    a, ring, b = x.clone(), x.clone(), x.clone()
     transport.sum_(a, ranks)
+    transport.group_allreduce = False
+    transport.sum_(ring, ranks)
+    transport.group_allreduce = True
     dist.all_reduce(b)
     torch.cuda.synchronize()
-    exact = bool(torch.equal(a, b))
+    exact = bool(torch.equal(a, b)) and bool(torch.equal(ring, b))
 
-    def measure(numel, slice_mb=None, wire=None):
+    def measure(numel, slice_mb=None, wire=None, use_ring=False):
+        transport.group_allreduce = not use_ring
         if slice_mb is not None:
             transport.slice_elems = int(slice_mb * (1 << 20)) // 4
         src = torch.randn(numel, device=ctx.device)
@@ -86,19 +94,23 @@ def _worker(ctx, sizes_mb, iters, warmup, slice_mbs, bf16):
                "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_ours), "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch),
                "slice_mib": default_slice, "wire": "fp32"}
         row["ratio"] = row["fomoe_busbw_gbs"] / row["torch_busbw_gbs"]
+        t_ring, t_torch2 = measure(numel, default_slice, use_ring=True)
+        row["ring_busbw_gbs"] = _bus_bw(numel * 4, n, t_ring)
+        row["ring_ratio"] = t_torch2 / t_ring
         rows.append(row)
         if bf16:
-            t_b, t_torch = measure(numel, default_slice, "bf16")
+            t_b, t_torch = measure(numel, default_slice, "bf16", use_ring=True)
             rows.append({**row, "fomoe_s": t_b, "torch_s": t_torch, "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_b),
                          "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch), "wire": "bf16",
                          "ratio": t_torch / t_b})
         if ctx.rank == 0:
             print(f"  {mb:5d} MiB  fomoe {row['fomoe_busbw_gbs']:7.1f} GB/s  torch {row['torch_busbw_gbs']:7.1f} GB/s"
-                  f"  ratio {row['ratio']:.3f}", flush=True)
+                  f"  ratio {row['ratio']:.3f}  (send/recv ring {row['ring_busbw_gbs']:.1f} GB/s, "
+                  f"{row['ring_ratio']:.3f})", flush=True)
     sweep = []
     for smb in slice_mbs:
         numel = int(max(sizes_mb) * (1 << 20)) // 4
-        t_ours, t_torch = measure(numel, smb)
+        t_ours, t_torch = measure(numel, smb, use_ring=True)
         sweep.append({"slice_mib": smb, "bytes": numel * 4, "fomoe_busbw_gbs": _bus_bw(numel * 4, n, t_ours),
                       "torch_busbw_gbs": _bus_bw(numel * 4, n, t_torch)})
     transport.close()
@@ -144,13 +156,14 @@ def main() -> int:
     result = {"world": world, "fomoe": fomoe.__version__, "torch": torch.__version__, **out}
     if not out["exact"]:
         print("bench_comm: FAILED: fomoe's sum differs from torch.distributed.all_reduce on exact inputs")
-    print("\n| bucket | fomoe busbw GB/s | torch all_reduce busbw GB/s | ratio |")
-    print("|---|---|---|---|")
+    print("\n| bucket | fomoe busbw GB/s | torch all_reduce busbw GB/s | ratio | send/recv ring GB/s (ratio) |")
+    print("|---|---|---|---|---|")
     for r in out["rows"]:
         if r["wire"] == "fp32":
-            print(f"| {r['size_mib']} MiB | {r['fomoe_busbw_gbs']:.1f} | {r['torch_busbw_gbs']:.1f} | {r['ratio']:.3f} |")
+            print(f"| {r['size_mib']} MiB | {r['fomoe_busbw_gbs']:.1f} | {r['torch_busbw_gbs']:.1f} | {r['ratio']:.3f} | "
+                  f"{r['ring_busbw_gbs']:.1f} ({r['ring_ratio']:.3f}) |")
     for s in out["slice_sweep"]:
-        print(f"slice {s['slice_mib']:g} MiB: fomoe {s['fomoe_busbw_gbs']:.1f} GB/s, torch {s['torch_busbw_gbs']:.1f}")
+        print(f"ring slice {s['slice_mib']:g} MiB: {s['fomoe_busbw_gbs']:.1f} GB/s, torch {s['torch_busbw_gbs']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

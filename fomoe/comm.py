@@ -378,12 +378,16 @@ def default_transport(device: torch.device | str) -> Transport:
 
 
 class NcclTransport(Transport):
-    """Ring schedules over the extension's NCCL communicator (one per process, all ranks).
+    """Sums over the extension's NCCL communicators, asynchronously on the current CUDA stream.
 
-    The communicator is bootstrapped from a unique id that rank 0 publishes in
-    torch.distributed's store. Reduce-scatter transfers are cut into slices of
-    ``slice_bytes`` (default 32 MiB, env FOMOE_NCCL_SLICE_MB) so the add of one slice overlaps
-    the transfer of the next. Calls are asynchronous on the current CUDA stream.
+    One communicator over all ranks is bootstrapped from a unique id that rank 0 publishes in
+    torch.distributed's store. ``prepare_groups`` (every rank, the same groups in the same
+    order: the sync schedule's) splits one more per holder group; an fp32 sum among a prepared
+    group is then one ``ncclAllReduce`` on it (NCCL reduces while it moves the data). Other
+    sums (the bf16 wire, unprepared groups) run the ring schedule as send/recv groups over the
+    full communicator, reduce-scatter transfers cut into slices of ``slice_bytes`` (default 32
+    MiB, env FOMOE_NCCL_SLICE_MB) so the add of one slice overlaps the transfer of the next.
+    Either way the bytes counted are the ring's: 2(n-1)/n of the bucket per member.
     """
 
     name = "nccl"
@@ -419,6 +423,31 @@ class NcclTransport(Transport):
             uid = torch.tensor(list(store.get(key)), dtype=torch.uint8)
         self._ops = ops
         self.handle = ops.nccl_init(uid, self.rank, self.world_size, self.device.index, float(timeout_s))
+        self._group_handles: dict[tuple[int, ...], int] = {}   # prepared groups this rank belongs to
+        self._prepared: set[tuple[int, ...]] = set()
+        self.group_allreduce = True   # False: every sum runs the send/recv ring (for comparisons)
+
+    def prepare_groups(self, groups, max_groups: int | None = None) -> None:
+        """Split a communicator for each group of two or more ranks not prepared yet, at most
+        ``max_groups`` in all (default 16, env FOMOE_NCCL_MAX_GROUPS: each communicator holds its
+        own NCCL buffers once used; later groups run the ring). Collective: every rank must call
+        it with the same groups in the same order."""
+        if max_groups is None:
+            max_groups = int(os.environ.get("FOMOE_NCCL_MAX_GROUPS", "16"))
+        for group in groups:
+            group = tuple(sorted(int(r) for r in group))
+            if len(group) < 2 or group in self._prepared or len(self._prepared) >= max_groups:
+                continue
+            self._prepared.add(group)
+            member = self.rank in group
+            handle = self._ops.nccl_split(self.handle, 0 if member else -1, self.rank)
+            if member:
+                self._group_handles[group] = handle
+
+    @property
+    def group_communicators(self) -> list[tuple[int, ...]]:
+        """The prepared groups this rank belongs to (each with its own communicator)."""
+        return sorted(self._group_handles)
 
     def _exchange(self, send: Tensor, dst: int, recv: Tensor, src: int) -> None:
         self._ops.nccl_sendrecv(self.handle, send.contiguous(), dst, recv, src)
@@ -426,6 +455,11 @@ class NcclTransport(Transport):
     def _ring_allreduce(self, buf: Tensor, ranks, plan: RingPlan, wire: torch.dtype) -> tuple[int, int]:
         if buf.device != self.device:
             raise ValueError(f"the NCCL transport's communicator is on {self.device}, the buffer on {buf.device}")
+        group = self._group_handles.get(tuple(ranks)) if self.group_allreduce else None
+        if group is not None and wire == torch.float32:
+            self._ops.nccl_allreduce(group, buf)
+            sent, recv = plan.elements()
+            return 4 * sent, 4 * recv
         table = torch.tensor(plan.table(), dtype=torch.int64)
         sent, recv = self._ops.nccl_ring_allreduce(self.handle, buf, table, ranks[plan.next_position],
                                                    ranks[plan.prev_position], wire == torch.bfloat16,
@@ -436,6 +470,9 @@ class NcclTransport(Transport):
         dist.barrier()
 
     def close(self) -> None:
+        for handle in getattr(self, "_group_handles", {}).values():
+            self._ops.nccl_destroy(handle)
+        self._group_handles = {}
         if getattr(self, "handle", None) is not None:
             self._ops.nccl_destroy(self.handle)
             self.handle = None

@@ -358,8 +358,8 @@ def _fails_in_worker(ctx):
     SyncManager(m, fw.inner_optimizer(m), method="fomoe", placement=None, rank=ctx.rank, world_size=2)
 
 
-# Two workers on two GPUs over NCCL (the extension's ring over one communicator, the CUDA
-# pack/unpack kernels): holder groups of one and of two workers in both layers.
+# Two workers on two GPUs over NCCL (a communicator per holder group, the CUDA pack/unpack
+# kernels): holder groups of one and of two workers in both layers.
 TWO_GPU_HOLDERS = [[[0, 1], [0], [1], [0, 1]], [[0], [0, 1], [1], [1]]]
 
 
@@ -369,8 +369,10 @@ def _scenarios_nccl_w2(ctx):
     out = {"sparse": fw.train_worker(ctx, p, "fomoe", 4, 2),
            "weighted": fw.train_worker(ctx, p, "fomoe", 3, 3, weighted=True)}
     model = fw.make_model(p, ctx.rank).to(ctx.device)
-    out["segment_kernels"] = SyncManager(model, fw.inner_optimizer(model), method="fomoe", sync_every=1, placement=p,
-                                         rank=ctx.rank, world_size=2, global_device=ctx.device)._use_segment_kernels()
+    mgr = SyncManager(model, fw.inner_optimizer(model), method="fomoe", sync_every=1, placement=p, rank=ctx.rank,
+                      world_size=2, global_device=ctx.device)
+    out["segment_kernels"] = mgr._use_segment_kernels()
+    out["group_communicators"] = mgr.transport.group_communicators
     return out
 
 
@@ -380,6 +382,9 @@ def test_two_gpus_over_nccl_equal_the_simulation():
     res = launch.spawn(_scenarios_nccl_w2, 2, backend="nccl", timeout_s=300)
     p = Placement.explicit(TWO_GPU_HOLDERS, 2)
     assert all(w["segment_kernels"] for w in res)
+    # The two-worker group (dense parameters, shared experts) sums with ncclAllReduce on its own
+    # communicator; the single-holder experts move nothing.
+    assert all(w["group_communicators"] == [(0, 1)] for w in res)
     for name, steps, H, weighted in (("sparse", 4, 2, False), ("weighted", 3, 3, True)):
         results = [w[name] for w in res]
         _check_holders_identical(results, p)
