@@ -186,9 +186,10 @@ int64_t nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_size,
 
 // A communicator of the ranks that pass the same color >= 0 (ordered by key), split from
 // `handle`; every rank of `handle` must call it, in the same order, with color -1 when it is
-// not a member (it then gets 0, no handle). The split blocks until every rank made the call
-// (a non-blocking split hands out the new communicator only once it completes): it runs once,
-// at a sync manager's setup, after the workers agreed on the configuration.
+// not a member (it then gets 0, no handle). It runs once, at a sync manager's setup. The parent
+// is non-blocking, so the split runs as the parent's asynchronous job and NCCL stores the
+// child's handle only when that job ends: wait for the handle (bounded, like every call here),
+// then for the child's own initialisation.
 int64_t nccl_split(int64_t handle, int64_t color, int64_t key) {
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
   auto parent = get_comm(handle);
@@ -197,13 +198,28 @@ int64_t nccl_split(int64_t handle, int64_t color, int64_t key) {
   c->device = parent->device;
   c->timeout_s = parent->timeout_s;
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 1;
-  const ncclResult_t r = ncclCommSplit(parent->comm, color >= 0 ? static_cast<int>(color) : NCCL_SPLIT_NOCOLOR,
-                                       static_cast<int>(key), &c->comm, &config);
-  finish(*parent, r, "communicator split");
-  FOMOE_CHECK((c->comm != nullptr) == (color >= 0), "fomoe NCCL: communicator split ",
-              color >= 0 ? "gave a member no communicator" : "gave a non-member a communicator");
-  if (c->comm == nullptr) return 0;
+  config.blocking = 0;
+  const bool member = color >= 0;
+  ncclResult_t r = ncclCommSplit(parent->comm, member ? static_cast<int>(color) : NCCL_SPLIT_NOCOLOR,
+                                 static_cast<int>(key), &c->comm, &config);
+  if (!member) {
+    finish(*parent, r, "communicator split");
+    return 0;
+  }
+  if (r != ncclInProgress) finish(*parent, r, "communicator split");  // throws unless it succeeded
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(parent->timeout_s);
+  while (__atomic_load_n(&c->comm, __ATOMIC_ACQUIRE) == nullptr) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      parent->broken = true;
+      FOMOE_CHECK(false, "fomoe NCCL: communicator split did not complete within ", parent->timeout_s,
+                  " s (a peer is missing or stuck); the communicator is aborted");
+    }
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(parent->comm, &state);
+    if (state != ncclSuccess && state != ncclInProgress) finish(*parent, state, "communicator split");
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  finish(*c, ncclInProgress, "communicator split (the new communicator's setup)");
   int rank = -1, size = 0;
   finish(*c, ncclCommUserRank(c->comm, &rank), "ncclCommUserRank");
   finish(*c, ncclCommCount(c->comm, &size), "ncclCommCount");
