@@ -236,6 +236,13 @@ def _nccl_worker(ctx):
             moved = t._ops.nccl_ring_allreduce(t.handle, buf, torch.tensor(plan.table(), dtype=torch.int64), 0, 0,
                                                bf16, t.slice_elems)
             out[f"ring n={n} bf16={bf16}"] = (buf.cpu(), src.cpu(), moved, plan.elements())
+    # A communicator split from the world one (a member, then a non-member: no handle) and an
+    # all-reduce on it: one rank sums to itself.
+    child = t._ops.nccl_split(t.handle, 0, 0)
+    z = x.clone()
+    t._ops.nccl_allreduce(child, z)
+    out["split"] = (child not in (0, t.handle), torch.equal(z, x), t._ops.nccl_split(t.handle, -1, 0))
+    t._ops.nccl_destroy(child)
     try:
         t._ops.nccl_ring_allreduce(t.handle, x, torch.tensor([[0, 20_000, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0]]),
                                    0, 0, False, 1024)
@@ -259,6 +266,56 @@ def test_nccl_transport_on_one_gpu():
             assert torch.equal(buf, _self_ring_expected(x, n, bf16)), (n, bf16)
             assert list(moved) == [e * (2 if bf16 else 4) for e in elements]
     assert "plan row 0 names elements [0, 20000) of a buffer of 12000" in res["bad_plan"]
+    assert res["split"] == (True, True, 0)
+
+
+class _RecordedSplits:
+    """The extension's NCCL ops as far as group preparation and the fp32 sum use them."""
+
+    def __init__(self):
+        self.splits, self.allreduces, self.rings = [], [], []
+
+    def nccl_split(self, handle, color, key):
+        self.splits.append((handle, color, key))
+        return 0 if color < 0 else 100 + len(self.splits)
+
+    def nccl_allreduce(self, handle, buf):
+        self.allreduces.append((handle, buf.numel()))
+
+    def nccl_ring_allreduce(self, handle, buf, table, nxt, prev, bf16, slice_elems):
+        self.rings.append((handle, buf.numel(), bf16))
+        return [0, 0]
+
+
+def _transport_without_nccl(rank: int, world: int) -> comm.NcclTransport:
+    t = object.__new__(comm.NcclTransport)   # no communicator: the ops are recorded, not run
+    t.rank, t.world_size, t.handle, t.device, t.slice_elems = rank, world, 7, torch.device("cpu"), 1024
+    t._ops, t._group_handles, t._prepared, t.group_allreduce = _RecordedSplits(), {}, set(), True
+    t.device_type = "cpu"
+    return t
+
+
+def test_nccl_group_preparation_is_collective_and_capped():
+    groups = [(0, 1, 2, 3), (1, 0), (2,), (3, 2), (0, 1), (1, 3), (0, 2)]
+    ts = [_transport_without_nccl(rank, 4) for rank in range(4)]
+    for t in ts:
+        t.prepare_groups(groups, max_groups=3)
+    # Every rank splits the same groups in the same order, members and non-members alike (a
+    # rank that skipped a split would leave the others waiting in it): the first three distinct
+    # groups of two or more ranks; the rest run the ring.
+    assert all([color >= 0 for _, color, _ in t._ops.splits] == [t.rank in g for g in ((0, 1, 2, 3), (0, 1), (2, 3))]
+               for t in ts)
+    assert ts[0].group_communicators == [(0, 1), (0, 1, 2, 3)]
+    assert ts[3].group_communicators == [(0, 1, 2, 3), (2, 3)]
+    # An fp32 sum among a prepared group is one all-reduce on its communicator, counted as the
+    # ring's bytes; the bf16 wire and an unprepared group run the ring on the world communicator.
+    t = ts[1]
+    buf = torch.zeros(1000)
+    assert t.sum_(buf, (0, 1)) == comm.sum_bytes(1000, 2, 1)
+    assert t._ops.allreduces == [(102, 1000)]   # rank 1's second split: (0, 1)
+    t.sum_(buf, (0, 1), "bf16")
+    t.sum_(buf, (1, 3))
+    assert [(h, bf16) for h, _, bf16 in t._ops.rings] == [(7, True), (7, False)]
 
 
 @pytest.mark.cuda
