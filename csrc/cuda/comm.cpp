@@ -151,6 +151,18 @@ at::Tensor nccl_unique_id() {
   return out;
 }
 
+// A set-up communicator gets its stream and events and a handle for Python.
+int64_t register_communicator(std::shared_ptr<Communicator> c) {
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->to_nccl, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[0], cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[1], cudaEventDisableTiming));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int64_t handle = g_next_handle++;
+  g_comms[handle] = std::move(c);
+  return handle;
+}
+
 int64_t nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_size, int64_t device, double timeout_s) {
   FOMOE_CHECK(unique_id.device().is_cpu() && unique_id.scalar_type() == at::kByte &&
                   unique_id.numel() == NCCL_UNIQUE_ID_BYTES && unique_id.is_contiguous(),
@@ -174,14 +186,7 @@ int64_t nccl_init(const at::Tensor& unique_id, int64_t rank, int64_t world_size,
   FOMOE_CHECK(c->comm != nullptr || r == ncclSuccess, "fomoe NCCL: ncclCommInitRankConfig failed: ",
               ncclGetErrorString(r));
   finish(*c, r, "communicator initialisation");
-  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->to_nccl, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[0], cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[1], cudaEventDisableTiming));
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const int64_t handle = g_next_handle++;
-  g_comms[handle] = std::move(c);
-  return handle;
+  return register_communicator(std::move(c));
 }
 
 // A communicator of the ranks that pass the same color >= 0 (ordered by key), split from
@@ -225,14 +230,7 @@ int64_t nccl_split(int64_t handle, int64_t color, int64_t key) {
   finish(*c, ncclCommCount(c->comm, &size), "ncclCommCount");
   c->rank = rank;
   c->world_size = size;
-  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->to_nccl, cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[0], cudaEventDisableTiming));
-  C10_CUDA_CHECK(cudaEventCreateWithFlags(&c->from_nccl[1], cudaEventDisableTiming));
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const int64_t child = g_next_handle++;
-  g_comms[child] = std::move(c);
-  return child;
+  return register_communicator(std::move(c));
 #else
   FOMOE_CHECK(false, "fomoe NCCL: communicator splits need NCCL >= 2.18; this build has ", NCCL_VERSION_CODE);
 #endif
