@@ -388,8 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fomoe.relay: {relay.address} -> {args.to}: {args.delay_ms:g} ms one way, {rate}, "
           f"{args.loss:g} segment loss ({args.loss_pattern}); Ctrl-C stops", flush=True)
     try:
+        # Short sleeps: the kernel may hand Ctrl-C's signal to a relay thread, and then only the
+        # main thread's next wake-up raises KeyboardInterrupt (a long sleep would hide it).
         while True:
-            time.sleep(3600)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:

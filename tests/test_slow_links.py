@@ -4,6 +4,7 @@ timeouts that follow the link instead of hand-tuning."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -188,10 +189,23 @@ def test_relay_command_line(capsys):
         with socket.create_connection((host, port)) as s:
             assert 0.08 <= round_trip(s, b"x" * 1000) < 0.5
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=20)
-        proc.stdout.close()
+        interrupt_a_helper_thread(proc.pid)
+        try:
+            code = proc.wait(timeout=20)
+        finally:
+            proc.kill()
+            proc.stdout.close()
     assert code == 0
+
+
+def interrupt_a_helper_thread(pid: int) -> None:
+    """Ctrl-C as the kernel may deliver it: to one of the process's other threads (Linux's
+    tgkill aims it there; elsewhere the signal goes to the process). The relay must stop either way."""
+    task = f"/proc/{pid}/task"
+    tids = [int(t) for t in os.listdir(task) if int(t) != pid] if os.path.isdir(task) else []
+    tgkill = getattr(ctypes.CDLL(None), "tgkill", None) if tids else None
+    if tgkill is None or tgkill(pid, tids[0], int(signal.SIGINT)) != 0:
+        os.kill(pid, signal.SIGINT)
 
 
 # ---- federated training over shaped links -----------------------------------------------------------
