@@ -182,14 +182,16 @@ def test_relay_command_line(capsys):
     sink = Sink()
     proc = subprocess.Popen([sys.executable, "-m", "fomoe.relay", "--listen", "127.0.0.1:0", "--to",
                              f"127.0.0.1:{sink.address[1]}", "--delay-ms", "40"], stdout=subprocess.PIPE, text=True)
+    lasting: set[int] = set()
     try:
         line = proc.stdout.readline()
         assert "40 ms one way" in line, line
+        lasting = threads_of(proc.pid)
         host, port = parse_address(line.split()[1])
         with socket.create_connection((host, port)) as s:
             assert 0.08 <= round_trip(s, b"x" * 1000) < 0.5
     finally:
-        interrupt_a_helper_thread(proc.pid)
+        interrupt_a_helper_thread(proc.pid, lasting)
         try:
             code = proc.wait(timeout=20)
         finally:
@@ -198,14 +200,35 @@ def test_relay_command_line(capsys):
     assert code == 0
 
 
-def interrupt_a_helper_thread(pid: int) -> None:
-    """Ctrl-C as the kernel may deliver it: to one of the process's other threads (Linux's
-    tgkill aims it there; elsewhere the signal goes to the process). The relay must stop either way."""
+def threads_of(pid: int) -> set[int]:
     task = f"/proc/{pid}/task"
-    tids = [int(t) for t in os.listdir(task) if int(t) != pid] if os.path.isdir(task) else []
-    tgkill = getattr(ctypes.CDLL(None), "tgkill", None) if tids else None
-    if tgkill is None or tgkill(pid, tids[0], int(signal.SIGINT)) != 0:
-        os.kill(pid, signal.SIGINT)
+    return {int(t) for t in os.listdir(task)} if os.path.isdir(task) else set()
+
+
+def takes_sigint(pid: int, tid: int) -> bool:
+    """Whether thread tid of pid leaves SIGINT unblocked (the kernel may deliver it there)."""
+    for line in open(f"/proc/{pid}/task/{tid}/status"):
+        if line.startswith("SigBlk:"):
+            return not int(line.split()[1], 16) & (1 << (signal.SIGINT - 1))
+    return False
+
+
+def interrupt_a_helper_thread(pid: int, lasting: set[int]) -> None:
+    """Ctrl-C as the kernel may deliver it: to one of the process's other threads (Linux's
+    tgkill aims it there; elsewhere the signal goes to the process). The relay must stop either
+    way. ``lasting``: threads the process had before any connection; once the closed
+    connection's threads are gone, the signal goes to one of those (one aimed at a thread that
+    is exiting would be lost with it)."""
+    tgkill = getattr(ctypes.CDLL(None), "tgkill", None) if lasting else None
+    deadline = time.monotonic() + 10
+    while tgkill is not None and time.monotonic() < deadline:
+        if threads_of(pid) == lasting:
+            targets = [t for t in sorted(lasting) if t != pid and takes_sigint(pid, t)]
+            if targets and tgkill(pid, targets[0], int(signal.SIGINT)) == 0:
+                return
+            break
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGINT)
 
 
 # ---- federated training over shaped links -----------------------------------------------------------
