@@ -181,7 +181,8 @@ def test_relay_command_line(capsys):
     assert "use host:port" in capsys.readouterr().err
     sink = Sink()
     proc = subprocess.Popen([sys.executable, "-m", "fomoe.relay", "--listen", "127.0.0.1:0", "--to",
-                             f"127.0.0.1:{sink.address[1]}", "--delay-ms", "40"], stdout=subprocess.PIPE, text=True)
+                             f"127.0.0.1:{sink.address[1]}", "--delay-ms", "40"], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=interactive_sigint)
     lasting: set[int] = set()
     try:
         line = proc.stdout.readline()
@@ -198,6 +199,14 @@ def test_relay_command_line(capsys):
             proc.kill()
             proc.stdout.close()
     assert code == 0
+
+
+def interactive_sigint() -> None:
+    """In the child before exec: SIGINT as in a terminal, default and unblocked, whatever the
+    test process inherited or set (an ignored SIGINT survives exec, and Python then keeps
+    ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def threads_of(pid: int) -> set[int]:
