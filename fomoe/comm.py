@@ -312,6 +312,10 @@ class Transport:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def prepare_groups(self, groups, max_groups: int | None = None) -> None:
+        """Set up what the transport keeps per holder group before the first sum. Collective:
+        every rank calls it with the same groups in the same order. Nothing by default."""
+
     # Membership. Transports that survive the loss of a worker (``fault_tolerant``) raise
     # ``MembershipChange`` from a collective when a member is lost or joins, and ``recover()``
     # returns the live ranks every survivor agreed on; the others keep all ranks forever.

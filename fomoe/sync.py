@@ -317,9 +317,8 @@ class SyncManager:
         if joining and not transport.fault_tolerant:
             raise ValueError(f"joining a running federation needs a fault-tolerant transport, not {transport.name}")
         self.transport = transport
-        prepare = getattr(transport, "prepare_groups", None)
-        if prepare is not None:   # collective: every rank holds the whole schedule, in one order
-            prepare(b.ranks for b in self.buckets)
+        # Collective: every rank holds the whole schedule, in one order.
+        transport.prepare_groups(b.ranks for b in self.buckets)
         self.live = tuple(transport.live_ranks())
         self._schedule_live = tuple(range(world_size))   # who the schedule was built for
         self._wire_mark = ((transport.payload_sent, transport.payload_recv)
