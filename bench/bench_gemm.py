@@ -190,13 +190,16 @@ def back_to_back_ms(fn, device, reps=10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def host_enqueue_ms(fn, device, reps=5) -> float:
-    """Host milliseconds to enqueue one fn() while the GPU is kept busy (so the host never waits)."""
+def host_enqueue_ms(fn, device, reps=5, busy=True) -> float:
+    """Host milliseconds to enqueue one fn() (nothing in it waits for the GPU), median. ``busy``:
+    behind ~0.1 s of GPU work, as in a training loop where the host runs ahead; else right after
+    the GPU went idle. On the H200 machine the same calls took about twice as long busy as idle."""
     fn()
     sync(device)
     times = []
     for _ in range(reps):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU spin: the queue never drains during fn()
+        if busy:
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU spin: the queue never drains during fn()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -328,6 +331,8 @@ def bench_shape(shape, device, with_loop=True, with_portable=True, gen_seed=0):
                     half_graph_ms=graph_ms(fwd_bwd_half),
                     full_host_ms=host_enqueue_ms(fwd_bwd_full, device),
                     half_host_ms=host_enqueue_ms(fwd_bwd_half, device),
+                    full_host_idle_ms=host_enqueue_ms(fwd_bwd_full, device, busy=False),
+                    half_host_idle_ms=host_enqueue_ms(fwd_bwd_half, device, busy=False),
                     full_profile_us=profile_breakdown_us(fwd_bwd_full, device),
                     half_profile_us=profile_breakdown_us(fwd_bwd_half, device))
     for how in ("", "b2b_", "graph_"):
@@ -344,8 +349,9 @@ def bench_shape(shape, device, with_loop=True, with_portable=True, gen_seed=0):
                   f"(ideal {skip[f'{how}ideal_ms']:.3f}): {skip[f'{how}saving_vs_ideal']:.1%} of the ideal saving",
                   flush=True)
     if skip.get("full_host_ms") is not None:
-        print(f"    host enqueue time of one fwd+bwd: full {skip['full_host_ms']:.3f} ms, "
-              f"half {skip['half_host_ms']:.3f} ms", flush=True)
+        print(f"    host time to enqueue one fwd+bwd behind a busy GPU: full {skip['full_host_ms']:.3f} ms, "
+              f"half {skip['half_host_ms']:.3f} ms; from an idle GPU: full {skip['full_host_idle_ms']:.3f} ms, "
+              f"half {skip['half_host_idle_ms']:.3f} ms", flush=True)
     if skip.get("full_profile_us") and skip.get("half_profile_us"):
         (fk, _), (hk, host) = skip["full_profile_us"], skip["half_profile_us"]
         print(f"    device time per kernel kind, us per fwd+bwd (full -> half; the ideal half is {frac:.3f}x):")
