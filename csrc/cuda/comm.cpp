@@ -228,8 +228,8 @@ int64_t nccl_split(int64_t handle, int64_t color, int64_t key) {
   // The split itself runs as the non-blocking parent's job (bounded below); the child is
   // blocking, so each all-reduce enqueues on the calling thread. A non-blocking communicator
   // hands every call to a new thread and reports "in progress": on two H200s that cost 90-160
-  // µs of host time per all-reduce (30-60 µs through torch's blocking one), which a caller
-  // that waits for its sum sees as latency (0.83x torch's bus bandwidth at 64 MiB).
+  // µs of host time per all-reduce (25-50 µs blocking), which a caller that waits for its sum
+  // sees as latency (0.83x torch's bus bandwidth at 64 MiB).
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 1;
   const bool member = color >= 0;
