@@ -193,7 +193,7 @@ def back_to_back_ms(fn, device, reps=10) -> float:
 def host_enqueue_ms(fn, device, reps=5, busy=True) -> float:
     """Host milliseconds to enqueue one fn() (nothing in it waits for the GPU), median. ``busy``:
     behind ~0.1 s of GPU work, as in a training loop where the host runs ahead; else right after
-    the GPU went idle. On the H200 machine the same calls took about twice as long busy as idle."""
+    the GPU went idle. On the H200 machine the same calls took 1.4-2x as long busy as idle."""
     fn()
     sync(device)
     times = []
